@@ -1,0 +1,56 @@
+"""jaxasync: asynchronous and decentralized stochastic optimization in JAX.
+
+Layers (see the README): pure JAX node programs and Optax transforms (``jaxasync.algorithms``,
+``jaxasync.sparsify``, ...); executors that drive them (``jaxasync.simulate``; the local multi-process
+runtime); the native shared-memory core (``jaxasync.shm``, imported on demand).
+"""
+
+from jaxasync import topology as topology
+from jaxasync._src.asynchrony import Asynchrony as Asynchrony
+from jaxasync._src.asynchrony import Distribution as Distribution
+from jaxasync._src.asynchrony import abs_normal as abs_normal
+from jaxasync._src.asynchrony import exponential as exponential
+from jaxasync._src.asynchrony import fixed as fixed
+from jaxasync._src.asynchrony import poisson as poisson
+from jaxasync._src.asynchrony import uniform as uniform
+from jaxasync._src.problem import Problem as Problem
+from jaxasync._src.program import Buffer as Buffer
+from jaxasync._src.program import BufferAdd as BufferAdd
+from jaxasync._src.program import BufferAddSparse as BufferAddSparse
+from jaxasync._src.program import Channel as Channel
+from jaxasync._src.program import Emit as Emit
+from jaxasync._src.program import Message as Message
+from jaxasync._src.program import NodeProgram as NodeProgram
+from jaxasync._src.program import Outbox as Outbox
+from jaxasync._src.program import Registers as Registers
+from jaxasync._src.program import RegistersView as RegistersView
+from jaxasync._src.program import RegisterWrite as RegisterWrite
+from jaxasync._src.simulator import simulate as simulate
+from jaxasync._src.trace import Trace as Trace
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Asynchrony",
+    "Buffer",
+    "BufferAdd",
+    "BufferAddSparse",
+    "Channel",
+    "Distribution",
+    "Emit",
+    "Message",
+    "NodeProgram",
+    "Outbox",
+    "Problem",
+    "Registers",
+    "RegistersView",
+    "RegisterWrite",
+    "Trace",
+    "abs_normal",
+    "exponential",
+    "fixed",
+    "poisson",
+    "simulate",
+    "topology",
+    "uniform",
+)

@@ -1,0 +1,280 @@
+"""Node programs: the contract between algorithms and executors.
+
+An asynchronous algorithm is written once, as a :class:`NodeProgram`: a handful of pure, jit-able event
+handlers on the state of one node. Executors (the simulator, the local multi-process runtime, MPI) decide
+*when* each handler runs, deliver, delay or lose messages, and implement shared objects; they never look
+inside an algorithm.
+
+The events of node ``i``:
+
+``init(node, params, key) -> state``
+  Called once per node. ``node`` is an int32 scalar (it may be traced, so the same function serves every
+  node under ``vmap``); ``params`` is the initial model pytree.
+
+``step(state, grad_fn, batch, key) -> (state, Emit)``
+  A local job completes: the node computes a stochastic gradient with the user's ``grad_fn(params,
+  batch)`` (any model) on a ``batch`` of its own data and updates its state. It may send messages and
+  apply operations to shared objects (both in the returned :class:`Emit`). An executor only calls ``step``
+  when ``ready(state)`` is true.
+
+``observe(state, views) -> state``
+  Called right after the executor has applied the operations of a ``step`` (and once after ``init``):
+  ``views`` maps each declared shared object to what the node reads from it now. A Hogwild worker keeps
+  the view in its state and computes its next gradient on it, so staleness is the same thing in the
+  simulator and in real processes.
+
+``receive[channel](state, Message) -> (state, Emit)``
+  One message arrived on ``channel``. Messages may be late, reordered or the survivors of lost ones; every
+  message carries the sender's sequence number on that channel (monotone per edge), so receivers can keep
+  the newest.
+
+``ready(state) -> bool``
+  Whether the node has local work (a server never computes; an AsGrad worker with an empty job queue is
+  idle). When a node becomes ready, the executor starts its next job.
+
+``params(state) -> params``
+  The model the node would report.
+
+Communication is declared, not performed. A :class:`Channel` is a graph plus a payload template; a
+handler's :class:`Outbox` holds one payload per out-edge slot of the sending node (padded to the graph's
+maximum out-degree, in the order of ``graph.out_table``) and a send mask. Shared objects are declared
+as :class:`Buffer` (one parameter pytree, Hogwild-style) or :class:`Registers` (each node owns ``slots``
+single-writer tagged registers) and are changed only through the operations a handler returns
+(:class:`BufferAdd`, :class:`BufferAddSparse`, :class:`RegisterWrite`).
+
+Every handler must return pytrees of the same structure, shapes and dtypes on every call: executors
+compile them once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+
+PyTree = Any
+State = Any
+
+
+class Message(NamedTuple):
+    """One delivered message, as a receive handler sees it.
+
+    Attributes:
+      slot: int32 scalar, the sender's index in the receiver's ``in_table`` row of the channel graph.
+      seq: int32 scalar, the sender's sequence number on this channel (starts at 0, +1 per send event).
+      payload: the pytree that was sent (same structure as the channel's payload template).
+    """
+
+    slot: jax.Array
+    seq: jax.Array
+    payload: PyTree
+
+
+class Outbox(NamedTuple):
+    """Messages a handler sends on one channel: one payload per out-edge slot and a send mask.
+
+    Attributes:
+      payload: pytree whose leaves have a leading axis of size ``graph.max_out_degree``.
+      mask: bool ``[max_out_degree]``, True where a message is sent (padding slots must be False).
+    """
+
+    payload: PyTree
+    mask: jax.Array
+
+
+class BufferAdd(NamedTuple):
+    """``buffer += delta`` on a :class:`Buffer` (delta is a pytree like the buffer's template)."""
+
+    delta: PyTree
+
+
+class BufferAddSparse(NamedTuple):
+    """``flat_buffer[indices] += values`` on a :class:`Buffer` (indices into the ravelled pytree)."""
+
+    indices: jax.Array
+    values: jax.Array
+
+
+class RegisterWrite(NamedTuple):
+    """Writes ``(tag, value)`` into the node's own register ``slot`` if ``mask`` is true."""
+
+    slot: jax.Array
+    tag: jax.Array
+    value: PyTree
+    mask: jax.Array
+
+
+class RegistersView(NamedTuple):
+    """What a node reads from a :class:`Registers` object: every owner's slots.
+
+    Attributes:
+      tags: int32 ``[num_nodes, slots]``; -1 where nothing was written yet (or the register is not
+        visible to the reader, e.g. it belongs to another cluster).
+      values: pytree with leaves ``[num_nodes, slots, ...]``.
+    """
+
+    tags: jax.Array
+    values: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel:
+    """A message kind: who may send to whom, and what one message holds.
+
+    Attributes:
+      graph: a :class:`jaxasync.topology.Graph`; an edge ``i -> j`` lets ``i`` send to ``j``.
+      payload: pytree of arrays or ``jax.ShapeDtypeStruct`` describing one message.
+    """
+
+    graph: Any
+    payload: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """A shared parameter pytree every node reads and adds to (Hogwild).
+
+    Attributes:
+      template: pytree of arrays giving structure, shapes and initial values; None means "the
+        model's parameters", initialised by the executor to the problem's initial parameters.
+      sparse: True if the program's operations are :class:`BufferAddSparse` with ``k`` entries.
+      k: number of entries per sparse operation.
+    """
+
+    template: PyTree = None
+    sparse: bool = False
+    k: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Registers:
+    """Single-writer multi-reader registers: node ``i`` owns ``slots`` tagged registers.
+
+    Attributes:
+      template: pytree of arrays: the value of one register.
+      slots: registers per owner (a ring indexed by ``tag % slots``).
+      visible: optional bool ``[n, n]``; ``visible[i, j]`` says whether ``i`` can read ``j``'s registers
+        (cluster-mates). None means everybody sees everybody.
+    """
+
+    template: PyTree
+    slots: int = 1
+    visible: Any = None
+
+
+class Emit(NamedTuple):
+    """What a handler sends: outboxes by channel name and operations by shared-object name.
+
+    Channels or shared objects a handler does not use may be left out; executors fill the gap with an
+    empty outbox / no operation.
+    """
+
+    outbox: Mapping[str, Outbox] = {}
+    ops: Mapping[str, Any] = {}
+
+
+def _always_ready(state: State) -> jax.Array:
+    del state  # every node of most algorithms always has local work
+    return jnp.asarray(True)
+
+
+def _no_observe(state: State, views: Mapping[str, Any]) -> State:
+    del views  # programs without shared objects read nothing
+    return state
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeProgram:
+    """An asynchronous algorithm as pure per-node event handlers (see the module docstring).
+
+    Attributes:
+      name: short algorithm name, used in traces and tables.
+      init: ``(node, params, key) -> state``.
+      step: ``(state, grad_fn, batch, key) -> (state, Emit)``.
+      params: ``state -> params``.
+      channels: message kinds by name.
+      receive: a handler ``(state, Message) -> (state, Emit)`` per channel name.
+      shared: shared objects by name.
+      observe: ``(state, views) -> state``, called after a step's operations are applied.
+      ready: ``state -> bool``, whether the node has local work.
+      evaluate: optional ``(stacked_states, shared_views) -> params``: the model an observer evaluates
+        (the server's, the shared buffer's). Default: the average of the live nodes' ``params``.
+      metrics: optional ``stacked_states -> {name: scalar}``, algorithm-specific metrics (for example
+        the staleness a server measured).
+      num_nodes: the number of nodes the program is built for, or None if it adapts to the executor's.
+      needs_shared_memory: True if the program cannot run without shared objects between its nodes.
+      crash_tolerant: True if the algorithm keeps working when nodes crash (documented fault model).
+    """
+
+    name: str
+    init: Callable[[jax.Array, PyTree, jax.Array], State]
+    step: Callable[..., tuple[State, Emit]]
+    params: Callable[[State], PyTree]
+    channels: Mapping[str, Channel] = dataclasses.field(default_factory=dict)
+    receive: Mapping[str, Callable[[State, Message], tuple[State, Emit]]] = dataclasses.field(
+        default_factory=dict
+    )
+    shared: Mapping[str, Buffer | Registers] = dataclasses.field(default_factory=dict)
+    observe: Callable[[State, Mapping[str, Any]], State] = _no_observe
+    ready: Callable[[State], jax.Array] = _always_ready
+    evaluate: Callable[[State, Mapping[str, Any]], PyTree] | None = None
+    metrics: Callable[[State], Mapping[str, jax.Array]] | None = None
+    num_nodes: int | None = None
+    needs_shared_memory: bool = False
+    crash_tolerant: bool = False
+
+    def __post_init__(self):
+        missing = set(self.channels) - set(self.receive)
+        if missing:
+            raise ValueError(f"{self.name}: no receive handler for channel(s) {sorted(missing)}")
+        extra = set(self.receive) - set(self.channels)
+        if extra:
+            raise ValueError(
+                f"{self.name}: receive handler(s) for undeclared channel(s) {sorted(extra)}"
+            )
+        for cname, ch in self.channels.items():
+            if self.num_nodes is not None and ch.graph.n != self.num_nodes:
+                raise ValueError(
+                    f"{self.name}: channel {cname!r} has {ch.graph.n} nodes, program has "
+                    f"{self.num_nodes}"
+                )
+
+
+def empty_outbox(channel: Channel) -> Outbox:
+    """An outbox that sends nothing on ``channel`` (zeros, mask all False)."""
+    m = max(channel.graph.max_out_degree, 1)
+    payload = jax.tree.map(lambda t: jnp.zeros((m, *t.shape), t.dtype), channel.payload)
+    return Outbox(payload, jnp.zeros((m,), bool))
+
+
+def broadcast_outbox(channel: Channel, node: jax.Array, payload: PyTree, send=True) -> Outbox:
+    """The same ``payload`` to every out-neighbour of ``node`` on ``channel`` (if ``send``)."""
+    m = max(channel.graph.max_out_degree, 1)
+    table = jnp.asarray(channel.graph.out_table).reshape(channel.graph.n, -1)
+    mask = (table[node] >= 0) & send if table.shape[1] else jnp.zeros((m,), bool)
+    payload = jax.tree.map(lambda x: jnp.broadcast_to(x, (m, *jnp.shape(x))), payload)
+    return Outbox(payload, mask)
+
+
+def ravel_template(template: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
+    """Flattens a template pytree to one vector (float32 for shared buffers) and returns the inverse."""
+    flat, unravel = jax.flatten_util.ravel_pytree(template)
+    return flat, unravel
+
+
+def check_tree_match(reference: PyTree, tree: PyTree, what: str) -> None:
+    """Raises TypeError naming ``what`` if ``tree`` does not have the structure and shapes of ``reference``."""
+    ref_def, tree_def = jax.tree.structure(reference), jax.tree.structure(tree)
+    if ref_def != tree_def:
+        raise TypeError(
+            f"{what}: tree structure {tree_def} does not match the parameters' {ref_def}"
+        )
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(tree)):
+        if jnp.shape(a) != jnp.shape(b):
+            raise TypeError(
+                f"{what}: leaf shape {jnp.shape(b)} does not match the parameters' {jnp.shape(a)}"
+            )
