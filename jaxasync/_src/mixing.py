@@ -1,0 +1,409 @@
+# Copyright 2025 The jaxasync Authors. Licensed under the Apache License 2.0.
+"""Gossip, push-sum, pairwise averaging and the robust running-sum channel.
+
+Contract:
+
+* Every function is pure ``jax.numpy``, jit- and vmap-able, and works on pytrees.
+* *Stacked* functions (`pull_mix`, `push_sum_mix`, `push_sum_mass`,
+  `running_sum_unabsorbed`) take values whose leaves carry a leading node axis
+  ``[n, ...]`` and a weight matrix ``W[receiver, sender]`` as built by
+  `jaxasync.topology` (so one synchronous step is ``X <- W @ X``).
+* *Node* functions (`pull_mix_node`, `keep_newest`, `running_sum_*`) are what a
+  node program runs on its own state. Per-neighbour data lives in padded slot
+  arrays with a leading axis of size ``max_in_degree`` (in-slots, ordered as
+  ``graph.in_table[i]``) or ``max_out_degree`` (out-slots, ``graph.out_table[i]``).
+  Padding slots carry zero weight and are never written by a valid message.
+* Messages carry per-edge sequence numbers; receivers keep only the newest
+  (`keep_newest`), so late, reordered or duplicated messages are harmless and a
+  lost one is superseded by the next.
+* Weights are cast to each leaf's dtype, so outputs keep the dtype of the values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "PushSumState",
+    "RunningSumState",
+    "keep_newest",
+    "pairwise_average",
+    "pull_mix",
+    "pull_mix_node",
+    "push_sum_estimate",
+    "push_sum_init",
+    "push_sum_mass",
+    "push_sum_mix",
+    "push_sum_receive",
+    "push_sum_split",
+    "running_sum_absorb",
+    "running_sum_init",
+    "running_sum_receive",
+    "running_sum_send",
+    "running_sum_unabsorbed",
+]
+
+PyTree = Any
+
+
+def _check_leading(tree: PyTree, size: int, what: str) -> None:
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != size:
+            raise ValueError(
+                f"{what}: every leaf needs a leading axis of size {size}, got a leaf of shape "
+                f"{jnp.shape(leaf)}."
+            )
+
+
+def _weighted_sum(w: jax.Array, values: PyTree) -> PyTree:
+    """``sum_k w[k] * values[k]`` per leaf (contracts the leading axis)."""
+    return jax.tree.map(lambda v: jnp.tensordot(w.astype(v.dtype), v, axes=1), values)
+
+
+# ----------------------------------------------------------------------------------------
+# Gossip (pull) mixing.
+
+
+def pull_mix(w, x: PyTree) -> PyTree:
+    r"""One synchronous gossip step ``X <- W X`` on values stacked over nodes.
+
+    .. math::
+        x_i^+ = \sum_j W_{ij} x_j .
+
+    With a doubly stochastic ``W`` (e.g. `metropolis_weights`) the average over
+    nodes is unchanged; with a row-stochastic one each node averages what it pulls.
+
+    Args:
+      w: ``[n, n]`` weights ``W[receiver, sender]``.
+      x: pytree with leaves ``[n, ...]``.
+
+    Returns:
+      Pytree like ``x``.
+
+    Example:
+      >>> w = jnp.array([[0.5, 0.5], [0.5, 0.5]])
+      >>> pull_mix(w, jnp.array([0.0, 2.0])).tolist()
+      [1.0, 1.0]
+    """
+    w = jnp.asarray(w)
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        raise ValueError(f"pull_mix: W must be a square [n, n] matrix, got shape {w.shape}.")
+    _check_leading(x, w.shape[1], "pull_mix")
+    return _weighted_sum(w.T, x)  # contract W's sender axis with the node axis
+
+
+def pull_mix_node(self_weight, neighbor_weights, own: PyTree, neighbor_values: PyTree, mask=None):
+    r"""One node's gossip step from its padded in-slots.
+
+    .. math::
+        x_i^+ = w_{ii} x_i + \sum_k m_k w_{ik} \hat v_{ik} + \Big(\sum_k (1 - m_k) w_{ik}\Big) x_i
+
+    The weight of a masked-out slot (a neighbour not heard from yet, or one that
+    crashed) stays with the node, so the result is still a convex combination.
+
+    Args:
+      self_weight: scalar ``w_ii``.
+      neighbor_weights: ``[max_in_degree]``, 0 on padding (see
+        `jaxasync.topology.in_weight_table`).
+      own: the node's value, a pytree.
+      neighbor_values: pytree like ``own`` with a leading ``[max_in_degree]`` axis.
+      mask: optional bool ``[max_in_degree]``: slots to use.
+
+    Returns:
+      Pytree like ``own``.
+
+    Example:
+      >>> pull_mix_node(0.5, jnp.array([0.5, 0.0]), jnp.array(0.0), jnp.array([2.0, 9.0]))
+      Array(1., dtype=float32)
+    """
+    neighbor_weights = jnp.asarray(neighbor_weights)
+    _check_leading(neighbor_values, neighbor_weights.shape[0], "pull_mix_node")
+    used = neighbor_weights if mask is None else jnp.where(mask, neighbor_weights, 0)
+    keep = self_weight + jnp.sum(neighbor_weights - used)
+    mixed = _weighted_sum(used, neighbor_values)
+    return jax.tree.map(lambda o, m: jnp.asarray(keep, o.dtype) * o + m, own, mixed)
+
+
+def pairwise_average(xi: PyTree, xj: PyTree) -> tuple[PyTree, PyTree]:
+    """Atomic pairwise averaging of AD-PSGD: both nodes end at ``(x_i + x_j) / 2``.
+
+    Args:
+      xi, xj: pytrees of the same structure.
+
+    Returns:
+      ``(avg, avg)``.
+
+    References:
+      Lian, Zhang, Zhang and Liu, "Asynchronous decentralized parallel stochastic
+      gradient descent", ICML 2018 (arXiv:1710.06952).
+    """
+    avg = jax.tree.map(lambda a, b: (a + b) / 2, xi, xj)
+    return avg, avg
+
+
+# ----------------------------------------------------------------------------------------
+# Push-sum.
+
+
+class PushSumState(NamedTuple):
+    """Push-sum mass: a value pytree and its scalar weight (per node, or stacked).
+
+    The de-biased estimate is ``value / weight`` (`push_sum_estimate`).
+    """
+
+    value: PyTree
+    weight: jax.Array
+
+
+def push_sum_init(value: PyTree, weight=1.0) -> PushSumState:
+    """Starts push-sum from ``value`` with ``weight`` (1 per node).
+
+    For a stacked state pass ``weight=jnp.ones(n)``.
+    """
+    return PushSumState(value=value, weight=jnp.asarray(weight, jnp.float32))
+
+
+def push_sum_mix(p, state: PushSumState) -> PushSumState:
+    r"""One synchronous push-sum step with a column-stochastic ``P``.
+
+    .. math::
+        x_i^+ = \sum_j P_{ij} x_j, \qquad w_i^+ = \sum_j P_{ij} w_j .
+
+    Columns of ``P`` sum to one, so ``sum_i x_i`` and ``sum_i w_i`` are conserved
+    and ``x_i / w_i`` converges to the average of the initial values even on a
+    directed graph.
+
+    Args:
+      p: ``[n, n]`` column-stochastic weights ``P[receiver, sender]``
+        (e.g. `jaxasync.topology.push_weights`).
+      state: stacked `PushSumState` (leaves ``[n, ...]``, weight ``[n]``).
+
+    Returns:
+      The mixed `PushSumState`.
+
+    References:
+      Kempe, Dobra and Gehrke, "Gossip-based computation of aggregate
+      information", FOCS 2003. Assran, Loizou, Ballas and Rabbat, "Stochastic
+      gradient push for distributed deep learning", ICML 2019.
+    """
+    return PushSumState(*pull_mix(p, tuple(state)))
+
+
+def push_sum_split(
+    state: PushSumState, self_weight, out_weights
+) -> tuple[PushSumState, PushSumState]:
+    """Splits one node's mass into the part it keeps and one message per out-slot.
+
+    Args:
+      state: the node's `PushSumState`.
+      self_weight: scalar share kept, ``P[i, i]``.
+      out_weights: ``[max_out_degree]`` shares sent, 0 on padding (see
+        `jaxasync.topology.out_weight_table`).
+
+    Returns:
+      ``(kept, messages)``; ``messages`` has a leading ``[max_out_degree]`` axis.
+      ``kept`` plus the sum of ``messages`` equals ``state`` when the shares sum to 1.
+    """
+    out_weights = jnp.asarray(out_weights)
+    kept = jax.tree.map(lambda v: jnp.asarray(self_weight, v.dtype) * v, state)
+    sent = jax.tree.map(
+        lambda v: out_weights.astype(v.dtype).reshape((-1,) + (1,) * v.ndim) * v[None], state
+    )
+    return kept, sent
+
+
+def push_sum_receive(state: PushSumState, message: PushSumState, accept=True) -> PushSumState:
+    """Adds one received push-sum message (value and weight) to a node's mass.
+
+    Args:
+      state: the receiver's `PushSumState`.
+      message: a `PushSumState` of the same structure.
+      accept: bool scalar; when False the state is returned unchanged (fixed shapes).
+
+    Returns:
+      The new `PushSumState`.
+    """
+    return jax.tree.map(lambda s, m: s + jnp.where(accept, m, jnp.zeros_like(m)), state, message)
+
+
+def push_sum_estimate(state: PushSumState) -> PyTree:
+    """The de-biased estimate ``value / weight`` (weight broadcast over each leaf)."""
+    w = state.weight
+
+    def debias(v):
+        return v / jnp.reshape(w, jnp.shape(w) + (1,) * (v.ndim - w.ndim)).astype(v.dtype)
+
+    return jax.tree.map(debias, state.value)
+
+
+def push_sum_mass(state: PushSumState) -> tuple[PyTree, jax.Array]:
+    """Total mass ``(sum_i x_i, sum_i w_i)`` of a stacked state; push-sum conserves it."""
+    return jax.tree.map(lambda v: jnp.sum(v, axis=0), state.value), jnp.sum(state.weight, axis=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Keep-newest slots and the running-sum channel.
+
+
+def keep_newest(buffer: PyTree, last_seq, slot, seq, payload: PyTree) -> tuple[PyTree, jax.Array]:
+    """Stores ``payload`` in ``buffer[slot]`` iff ``seq`` is newer than ``last_seq[slot]``.
+
+    The receive rule of every lossy channel: older, duplicated or reordered
+    messages are ignored. Fixed shapes (``jnp.where``), so it is jit-able with a
+    traced ``slot`` and ``seq``. A ``slot`` outside ``[0, num_slots)`` (e.g. a
+    padding ``-1``) is ignored rather than wrapped around.
+
+    Args:
+      buffer: pytree with leaves ``[num_slots, ...]``.
+      last_seq: int32 ``[num_slots]``; start at -1 when sequence numbers start at 0.
+      slot: int scalar, the in-slot of the message's edge.
+      seq: int scalar, the sender's sequence number on that edge.
+      payload: pytree like one slot of ``buffer``.
+
+    Returns:
+      ``(buffer, last_seq)``, updated.
+
+    Example:
+      >>> buf, last = jnp.zeros((2, 3)), jnp.full((2,), -1, jnp.int32)
+      >>> buf, last = keep_newest(buf, last, 1, 5, jnp.ones(3))
+      >>> buf, last = keep_newest(buf, last, 1, 4, 2 * jnp.ones(3))  # older: dropped
+      >>> buf[1].tolist(), last.tolist()
+      ([1.0, 1.0, 1.0], [-1, 5])
+    """
+    last_seq = jnp.asarray(last_seq)
+    num_slots = last_seq.shape[0]
+    _check_leading(buffer, num_slots, "keep_newest")
+    valid = (slot >= 0) & (slot < num_slots)
+    k = jnp.clip(slot, 0, num_slots - 1)
+    newer = valid & (seq > last_seq[k])
+    buffer = jax.tree.map(
+        lambda b, p: b.at[k].set(jnp.where(newer, jnp.asarray(p, b.dtype), b[k])), buffer, payload
+    )
+    return buffer, last_seq.at[k].set(jnp.where(newer, seq, last_seq[k]).astype(last_seq.dtype))
+
+
+class RunningSumState(NamedTuple):
+    r"""One node's end of the robust running-sum channel.
+
+    Attributes:
+      rho_out: leaves ``[max_out_degree, ...]``: cumulative mass ``\rho`` ever sent
+        on each out-slot.
+      rho_hat: leaves ``[max_in_degree, ...]``: newest cumulative mass ``\hat\rho``
+        received on each in-slot.
+      rho_tilde: leaves ``[max_in_degree, ...]``: the part ``\tilde\rho`` of
+        ``rho_hat`` already absorbed.
+      last_seq: int32 ``[max_in_degree]``: sequence number of ``rho_hat`` (-1: none).
+    """
+
+    rho_out: PyTree
+    rho_hat: PyTree
+    rho_tilde: PyTree
+    last_seq: jax.Array
+
+
+def running_sum_init(template: PyTree, max_in_degree: int, max_out_degree: int) -> RunningSumState:
+    """All-zero running sums shaped like ``template`` per slot, ``last_seq = -1``."""
+
+    def zeros(k):
+        return jax.tree.map(lambda t: jnp.zeros((k,) + jnp.shape(t), jnp.result_type(t)), template)
+
+    return RunningSumState(
+        rho_out=zeros(max_out_degree),
+        rho_hat=zeros(max_in_degree),
+        rho_tilde=zeros(max_in_degree),
+        last_seq=jnp.full((max_in_degree,), -1, jnp.int32),
+    )
+
+
+def running_sum_send(rho_out: PyTree, value: PyTree, out_weights) -> PyTree:
+    r"""Adds this step's pushed shares to the cumulative sums of the out-slots.
+
+    .. math::
+        \rho_{ji} \leftarrow \rho_{ji} + c_{ji} z_i \quad \text{for each out-slot } j.
+
+    The message on out-slot ``k`` is then the *whole* ``rho_out[k]`` (not the
+    increment), so the next message that gets through also delivers the mass of
+    any lost one.
+
+    Args:
+      rho_out: leaves ``[max_out_degree, ...]``.
+      value: the mass being pushed, ``z_i`` (leaves ``[...]``).
+      out_weights: ``[max_out_degree]`` shares ``c_ji``, 0 on padding.
+
+    Returns:
+      The new ``rho_out``.
+    """
+    out_weights = jnp.asarray(out_weights)
+    _check_leading(rho_out, out_weights.shape[0], "running_sum_send")
+    return jax.tree.map(
+        lambda r, v: r + out_weights.astype(r.dtype).reshape((-1,) + (1,) * v.ndim) * v[None],
+        rho_out,
+        value,
+    )
+
+
+def running_sum_receive(rho_hat: PyTree, last_seq, slot, seq, payload: PyTree):
+    """Keeps the newest cumulative sum received on in-slot ``slot`` (see `keep_newest`).
+
+    Returns:
+      ``(rho_hat, last_seq)``.
+    """
+    return keep_newest(rho_hat, last_seq, slot, seq, payload)
+
+
+def running_sum_absorb(rho_hat: PyTree, rho_tilde: PyTree, mask=None) -> tuple[PyTree, PyTree]:
+    r"""Absorbs the mass received since the last absorption.
+
+    .. math::
+        \Delta = \sum_k (\hat\rho_k - \tilde\rho_k), \qquad \tilde\rho_k \leftarrow \hat\rho_k .
+
+    Args:
+      rho_hat: leaves ``[max_in_degree, ...]``.
+      rho_tilde: like ``rho_hat``.
+      mask: optional bool ``[max_in_degree]``; unmasked slots are left for later.
+
+    Returns:
+      ``(delta, rho_tilde)``: ``delta`` has the shape of one slot; add it to the
+      tracker.
+
+    References:
+      Tian, Sun and Scutari, "Achieving linear convergence in distributed
+      asynchronous multi-agent optimization", IEEE TAC 2020 (arXiv:1803.10359).
+    """
+    if mask is None:
+        new_tilde = rho_hat
+    else:
+        mask = jnp.asarray(mask)
+
+        def select(h, t):
+            return jnp.where(jnp.reshape(mask, mask.shape + (1,) * (h.ndim - 1)), h, t)
+
+        new_tilde = jax.tree.map(select, rho_hat, rho_tilde)
+    delta = jax.tree.map(lambda h, t: jnp.sum(h - t, axis=0), new_tilde, rho_tilde)
+    return delta, new_tilde
+
+
+def running_sum_unabsorbed(rho_out: PyTree, rho_tilde: PyTree) -> PyTree:
+    r"""Mass sent but not yet absorbed, over all nodes: in flight or waiting in ``rho_hat``.
+
+    .. math::
+        \sum_{(i \to j)} \big(\rho_{ji} - \tilde\rho_{ji}^{\text{at } j}\big)
+        = \sum_{i,k} \rho^{out}_{ik} - \sum_{j,k} \tilde\rho_{jk}
+
+    since every edge has exactly one out-slot and one in-slot (padding stays 0).
+    R-FAST's invariant is ``sum_i z_i + unabsorbed == sum_i g_i`` whatever was
+    lost, delayed or reordered.
+
+    Args:
+      rho_out: stacked leaves ``[n, max_out_degree, ...]``.
+      rho_tilde: stacked leaves ``[n, max_in_degree, ...]``.
+
+    Returns:
+      Pytree of one payload's shape.
+    """
+    return jax.tree.map(
+        lambda r, t: jnp.sum(r, axis=(0, 1)) - jnp.sum(t, axis=(0, 1)), rho_out, rho_tilde
+    )
