@@ -59,7 +59,7 @@ def _check_leading(tree: PyTree, size: int, what: str) -> None:
 
 
 def _weighted_sum(w: jax.Array, values: PyTree) -> PyTree:
-    """``sum_k w[k] * values[k]`` per leaf (contracts the leading axis)."""
+    """``sum_k w[..., k] * values[k]`` per leaf: contracts ``w``'s last axis with the node/slot axis."""
     return jax.tree.map(lambda v: jnp.tensordot(w.astype(v.dtype), v, axes=1), values)
 
 
@@ -92,7 +92,7 @@ def pull_mix(w, x: PyTree) -> PyTree:
     if w.ndim != 2 or w.shape[0] != w.shape[1]:
         raise ValueError(f"pull_mix: W must be a square [n, n] matrix, got shape {w.shape}.")
     _check_leading(x, w.shape[1], "pull_mix")
-    return _weighted_sum(w.T, x)  # contract W's sender axis with the node axis
+    return _weighted_sum(w, x)  # contracts W's sender axis with the node axis
 
 
 def pull_mix_node(self_weight, neighbor_weights, own: PyTree, neighbor_values: PyTree, mask=None):
