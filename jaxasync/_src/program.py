@@ -233,14 +233,28 @@ class NodeProgram:
             raise ValueError(f"{self.name}: no receive handler for channel(s) {sorted(missing)}")
         extra = set(self.receive) - set(self.channels)
         if extra:
-            raise ValueError(
-                f"{self.name}: receive handler(s) for undeclared channel(s) {sorted(extra)}"
-            )
+            raise ValueError(f"{self.name}: receive handler(s) for undeclared channel(s) {sorted(extra)}")
         for cname, ch in self.channels.items():
             if self.num_nodes is not None and ch.graph.n != self.num_nodes:
                 raise ValueError(
-                    f"{self.name}: channel {cname!r} has {ch.graph.n} nodes, program has "
-                    f"{self.num_nodes}"
+                    f"{self.name}: channel {cname!r} has {ch.graph.n} nodes, program has {self.num_nodes}"
+                )
+
+    def check_nodes(self, n: int) -> None:
+        """Raises ValueError if the program cannot run on ``n`` nodes (executors call this first)."""
+        if self.num_nodes is not None and self.num_nodes != n:
+            raise ValueError(f"{self.name} is built for {self.num_nodes} nodes but {n} were given")
+        for cname, ch in self.channels.items():
+            if ch.graph.n != n:
+                raise ValueError(
+                    f"{self.name}: channel {cname!r} is built for {ch.graph.n} nodes but {n} were given"
+                )
+        for name, spec in self.shared.items():
+            visible = getattr(spec, "visible", None)
+            if visible is not None and tuple(visible.shape) != (n, n):
+                raise ValueError(
+                    f"{self.name}: registers {name!r} have visibility for "
+                    f"{visible.shape[0]} nodes but {n} were given"
                 )
 
 
@@ -270,9 +284,7 @@ def check_tree_match(reference: PyTree, tree: PyTree, what: str) -> None:
     """Raises TypeError naming ``what`` if ``tree`` does not have the structure and shapes of ``reference``."""
     ref_def, tree_def = jax.tree.structure(reference), jax.tree.structure(tree)
     if ref_def != tree_def:
-        raise TypeError(
-            f"{what}: tree structure {tree_def} does not match the parameters' {ref_def}"
-        )
+        raise TypeError(f"{what}: tree structure {tree_def} does not match the parameters' {ref_def}")
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(tree)):
         if jnp.shape(a) != jnp.shape(b):
             raise TypeError(

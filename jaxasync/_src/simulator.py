@@ -42,9 +42,7 @@ class Counters(NamedTuple):
     dropped: jax.Array  # int32 [C]: messages whose receiver had crashed
     overflow: jax.Array  # int32 [C]: messages dropped because the in-flight pool was full
     bytes_sent: jax.Array  # float32 [C]
-    staleness_sum: (
-        jax.Array
-    )  # float32: shared-buffer updates applied between a node's read and write
+    staleness_sum: jax.Array  # float32: shared-buffer updates applied between a node's read and write
     staleness_max: jax.Array  # int32
     updates: jax.Array  # int32: shared-buffer updates applied
 
@@ -139,9 +137,7 @@ def _apply_ops(static: _Static, carry: _Carry, ops: Mapping[str, Any], node, cou
             shared[name] = shared[name].at[op.indices].add(op.values.astype(jnp.float32))
         elif isinstance(op, program_lib.RegisterWrite):
             reg = shared[name]
-            tags = reg.tags.at[node, op.slot].set(
-                jnp.where(op.mask, op.tag, reg.tags[node, op.slot])
-            )
+            tags = reg.tags.at[node, op.slot].set(jnp.where(op.mask, op.tag, reg.tags[node, op.slot]))
             values = jax.tree.map(
                 lambda v, x: v.at[node, op.slot].set(jnp.where(op.mask, x, v[node, op.slot])),
                 reg.values,
@@ -151,8 +147,7 @@ def _apply_ops(static: _Static, carry: _Carry, ops: Mapping[str, Any], node, cou
             continue
         else:
             raise TypeError(
-                f"{static.program.name}: unsupported operation {type(op).__name__} on "
-                f"shared object {name!r}"
+                f"{static.program.name}: unsupported operation {type(op).__name__} on shared object {name!r}"
             )
         if count_staleness:
             stale = version - carry.read_version[node]
@@ -184,9 +179,9 @@ def _send(
         want = ob.mask & (dst >= 0)
         m = dst.shape[0]
         k_delay, k_loss = jax.random.split(jax.random.fold_in(key, ci))
-        delays = jax.vmap(
-            lambda k: asynchrony_lib.sample(static.delay_kind, k, delay_scales[node])
-        )(jax.random.split(k_delay, m))
+        delays = jax.vmap(lambda k: asynchrony_lib.sample(static.delay_kind, k, delay_scales[node]))(
+            jax.random.split(k_delay, m)
+        )
         lost = want & jax.random.bernoulli(k_loss, loss, (m,))
         go = want & ~lost
         free = jnp.nonzero(jnp.isinf(pool.time), size=m, fill_value=static.pool_size)[0]
@@ -217,9 +212,7 @@ def _send(
     return carry._replace(pools=tuple(pools), seq=seq, counters=c)
 
 
-def _schedule(
-    static: _Static, carry: _Carry, node, state, key, compute_scales, stragglers, restart: bool
-):
+def _schedule(static: _Static, carry: _Carry, node, state, key, compute_scales, stragglers, restart: bool):
     """Sets the node's next completion time: now + a draw if it is ready, inf if not.
 
     With ``restart=False`` (after a receive) a node that is already busy keeps its current job.
@@ -252,9 +245,7 @@ def _event(static: _Static, params: dict, carry: _Carry, key) -> _Carry:
     sched = functools.partial(
         _schedule, static, compute_scales=params["compute_scales"], stragglers=params["stragglers"]
     )
-    send = functools.partial(
-        _send, static, delay_scales=params["delay_scales"], loss=params["loss"]
-    )
+    send = functools.partial(_send, static, delay_scales=params["delay_scales"], loss=params["loss"])
 
     def step_branch(carry):
         i = jnp.argmin(carry.step_time)
@@ -399,6 +390,8 @@ def _metrics(static: _Static, carry: _Carry, params: dict) -> dict:
         time=carry.now,
         events=c.events,
         steps=jnp.sum(c.steps),
+        node_steps=c.steps,
+        in_flight=sum(jnp.sum(jnp.isfinite(p.time)) for p in carry.pools) + jnp.int32(0),
         loss=loss,
         grad_norm=problem.grad_norm(x),
         consensus=consensus,
@@ -434,8 +427,7 @@ def run(
     """
     key = (
         jax.random.key(seed)
-        if jnp.ndim(seed) == 0
-        and not jax.dtypes.issubdtype(jnp.result_type(seed), jax.dtypes.prng_key)
+        if jnp.ndim(seed) == 0 and not jax.dtypes.issubdtype(jnp.result_type(seed), jax.dtypes.prng_key)
         else seed
     )
     k_init, k_run = jax.random.split(key)
@@ -467,9 +459,7 @@ def run(
     return carry, records
 
 
-def make_static(
-    program: program_lib.NodeProgram, problem, asynchrony, pool_size: int | None
-) -> _Static:
+def make_static(program: program_lib.NodeProgram, problem, asynchrony, pool_size: int | None) -> _Static:
     n = problem.num_nodes
     names = tuple(sorted(program.channels))
     out_tables, dst_slots, payload_bytes = [], [], []
@@ -547,19 +537,17 @@ def simulate(
         so a program that never stops talking cannot hang the simulation.
 
     Returns:
-      A :class:`Trace` with ``time, events, steps, loss, grad_norm, gap, consensus, sent, lost,
-      delivered, dropped, overflow, bytes_sent, alive, staleness_mean, staleness_max`` and the
-      algorithm's own metrics. Same seed, same trace, bit for bit.
+      A :class:`Trace` with ``time, events, steps, node_steps`` (per node), ``loss, grad_norm, gap,
+      consensus, sent, lost, delivered, dropped, overflow, in_flight, bytes_sent, alive,
+      staleness_mean, staleness_max`` and the algorithm's own metrics. Message counts always satisfy
+      ``sent == lost + delivered + dropped + overflow + in_flight``. Same seed, same trace, bit for
+      bit.
     """
     from jaxasync._src import trace as trace_lib
 
     asynchrony = asynchrony or asynchrony_lib.Asynchrony()
     n = problem.num_nodes
-    if algorithm.num_nodes is not None and algorithm.num_nodes != n:
-        raise ValueError(
-            f"{algorithm.name} is built for {algorithm.num_nodes} nodes but the problem "
-            f"has {n} shards"
-        )
+    algorithm.check_nodes(n)
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     record_every = record_every or max(1, steps // 100)

@@ -1,0 +1,157 @@
+"""The simulator: determinism, exact event counts, crashes, loss, and bad specifications."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxasync as ja
+from jaxasync._src import program as program_lib
+
+
+class _GossipState(NamedTuple):
+    x: jax.Array
+    node: jax.Array
+
+
+def _gossip(graph, lr=0.1):
+    """A tiny test program: SGD step, then average with the newest value heard from each neighbour."""
+    channel = ja.Channel(graph, jnp.zeros(3))
+
+    def init(node, params, key):
+        del key  # deterministic
+        return _GossipState(params, node)
+
+    def step(state, grad_fn, batch, key):
+        del key
+        x = state.x - lr * grad_fn(state.x, batch)
+        ob = program_lib.broadcast_outbox(channel, state.node, x)
+        return state._replace(x=x), ja.Emit(outbox={"x": ob})
+
+    def receive(state, msg):
+        return state._replace(x=0.5 * (state.x + msg.payload)), ja.Emit()
+
+    return ja.NodeProgram(
+        "gossip", init, step, lambda s: s.x, channels={"x": channel}, receive={"x": receive}
+    )
+
+
+def _problem(n, seed=0):
+    rng = np.random.default_rng(seed)
+    shards = []
+    for _ in range(n):
+        a = rng.normal(size=(16, 3)).astype(np.float32)
+        shards.append({"a": a, "b": (a @ np.ones(3)).astype(np.float32)})
+    loss = lambda x, d: 0.5 * jnp.mean((d["a"] @ x - d["b"]) ** 2)
+    return ja.Problem(loss, jnp.zeros(3), shards, batch_size=4)
+
+
+N = 4
+RING = ja.topology.ring(N)
+
+
+def test_same_seed_same_trace_bitwise():
+    asyn = ja.Asynchrony(delay=ja.exponential(0.5), loss=0.2)
+    a = ja.simulate(_gossip(RING), _problem(N), asyn, steps=200, seed=3)
+    b = ja.simulate(_gossip(RING), _problem(N), asyn, steps=200, seed=3)
+    c = ja.simulate(_gossip(RING), _problem(N), asyn, steps=200, seed=4)
+    for k in a.metrics:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert not np.array_equal(a["loss"], c["loss"])
+
+
+def test_converges_and_counts_messages_exactly():
+    asyn = ja.Asynchrony(delay=ja.exponential(0.5), loss=0.3)
+    tr = ja.simulate(_gossip(RING), _problem(N), asyn, steps=1000, seed=0)
+    assert tr["loss"][-1] < 1e-3 * tr["loss"][0]
+    # Every message is accounted for, at every record.
+    np.testing.assert_array_equal(
+        tr["sent"], tr["lost"] + tr["delivered"] + tr["dropped"] + tr["overflow"] + tr["in_flight"]
+    )
+    # Each step broadcasts to both ring neighbours.
+    assert tr["sent"][-1] == 2 * tr["steps"][-1]
+    assert 0.25 < tr["lost"][-1] / tr["sent"][-1] < 0.35  # Bernoulli(0.3) over ~2000 draws
+    assert tr["overflow"][-1] == 0
+    assert tr["bytes_sent"][-1] == tr["sent"][-1] * 3 * 4
+
+
+def test_fixed_compute_times_and_stragglers_give_exact_step_counts():
+    asyn = ja.Asynchrony(compute_time=ja.fixed(1.0), stragglers={0: 4.0})
+    tr = ja.simulate(_gossip(RING), _problem(N), asyn, steps=130, record_every=10, seed=0)
+    # By time T, node 0 (4x slower) has completed floor(T / 4) jobs, the others floor(T).
+    t = tr["time"][-1]
+    np.testing.assert_array_equal(tr["node_steps"][-1], [t // 4, t, t, t])
+
+
+def test_crash_schedule_is_applied():
+    asyn = ja.Asynchrony(compute_time=ja.fixed(1.0), crashes={2: 10.5})
+    # 190 steps end exactly at t = 60: 4 * 10 before the crash, then 3 * 50.
+    tr = ja.simulate(_gossip(RING), _problem(N), asyn, steps=190, record_every=10, seed=0)
+    assert tr["time"][-1] == 60
+    steps = tr["node_steps"]
+    assert steps[-1, 2] == 10  # jobs done at t = 1..10, none after the crash at 10.5
+    np.testing.assert_array_equal(steps[-1, [0, 1, 3]], [tr["time"][-1]] * 3)
+    after = tr["time"] > 10.5
+    np.testing.assert_array_equal(tr["alive"][after], N - 1)
+    np.testing.assert_array_equal(tr["alive"][tr["time"] < 10.5], N)
+    # Both neighbours of node 2 keep sending to it after the crash: one message each per step.
+    assert tr["dropped"][-1] + tr["in_flight"][-1] == 2 * (tr["time"][-1] - 10)
+
+
+def test_seeds_under_vmap():
+    asyn = ja.Asynchrony(delay=ja.exponential(0.5))
+    tr = ja.simulate(_gossip(RING), _problem(N), asyn, steps=100, seeds=[0, 1, 2])
+    assert tr["loss"].shape == (3, 101) and tr.num_seeds == 3
+    one = ja.simulate(_gossip(RING), _problem(N), asyn, steps=100, seed=1)
+    np.testing.assert_allclose(tr["loss"][1], one["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(tr["events"][1], one["events"])
+
+
+def test_trace_save_load_roundtrip(tmp_path):
+    tr = ja.simulate(_gossip(RING), _problem(N), steps=50, seed=0)
+    for name in ("t.json", "t.npz"):
+        tr.save(tmp_path / name)
+        back = ja.Trace.load(tmp_path / name)
+        assert back.meta == tr.meta
+        for k in tr.metrics:
+            np.testing.assert_array_equal(back[k], tr[k])
+    tr.plot(tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: ja.Asynchrony(compute_time=ja.fixed(-1.0)), "non-negative"),
+        (lambda: ja.Asynchrony(delay=ja.exponential([1.0, -2.0])), "non-negative"),
+        (lambda: ja.Asynchrony(loss=1.0), "loss"),
+        (lambda: ja.Asynchrony(loss=-0.1), "loss"),
+        (lambda: ja.Asynchrony(crashes={-1: 3.0}), "crashes"),
+        (lambda: ja.Asynchrony(stragglers={0: 0.0}), "stragglers"),
+        (lambda: ja.Distribution("gamma", 1.0), "unknown distribution"),
+    ],
+)
+def test_bad_asynchrony_specs(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_unknown_node_ids_and_wrong_lengths():
+    with pytest.raises(ValueError, match="unknown node id"):
+        ja.simulate(_gossip(RING), _problem(N), ja.Asynchrony(crashes={7: 1.0}), steps=10)
+    with pytest.raises(ValueError, match="3 scales given for 4 nodes"):
+        ja.simulate(_gossip(RING), _problem(N), ja.Asynchrony(compute_time=ja.fixed([1, 2, 3])), steps=10)
+    with pytest.raises(ValueError, match="built for 4 nodes but 3"):
+        ja.simulate(_gossip(RING), _problem(3), steps=10)
+
+
+def test_mismatched_shards():
+    loss = lambda x, d: jnp.mean(d["a"] @ x)
+    with pytest.raises(ValueError, match="shard 1 has structure"):
+        ja.Problem(loss, jnp.zeros(2), [{"a": np.ones((3, 2))}, {"b": np.ones((3, 2))}])
+    with pytest.raises(ValueError, match="example shape"):
+        ja.Problem(loss, jnp.zeros(2), [{"a": np.ones((3, 2))}, {"a": np.ones((3, 5))}])
+    with pytest.raises(ValueError, match="equal shard sizes"):
+        ja.Problem(loss, jnp.zeros(2), [{"a": np.ones((3, 2))}, {"a": np.ones((4, 2))}])
