@@ -281,7 +281,7 @@ def ravel_template(template: PyTree) -> tuple[jax.Array, Callable[[jax.Array], P
 
 
 def check_tree_match(reference: PyTree, tree: PyTree, what: str) -> None:
-    """Raises TypeError naming ``what`` if ``tree`` does not have the structure and shapes of ``reference``."""
+    """Raises TypeError naming ``what`` unless ``tree`` has the structure and shapes of ``reference``."""
     ref_def, tree_def = jax.tree.structure(reference), jax.tree.structure(tree)
     if ref_def != tree_def:
         raise TypeError(f"{what}: tree structure {tree_def} does not match the parameters' {ref_def}")

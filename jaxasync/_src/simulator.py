@@ -126,7 +126,7 @@ def _views(static: _Static, shared: dict, node) -> dict:
 def _apply_ops(static: _Static, carry: _Carry, ops: Mapping[str, Any], node, count_staleness):
     shared = dict(carry.shared)
     version, c = carry.version, carry.counters
-    for name, spec in static.program.shared.items():
+    for name in static.program.shared:
         op = ops.get(name)
         if op is None:
             continue
