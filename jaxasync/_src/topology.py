@@ -82,34 +82,34 @@ class Graph:
     """A directed communication graph on nodes ``0 .. n - 1`` without self loops.
 
     Attributes:
-        adjacency: read-only bool ``[n, n]``; ``adjacency[i, j]`` means an edge
-            ``i -> j`` (``i`` sends to ``j``).
-        name: a label for reports and plots.
-        n: number of nodes.
-        in_degree, out_degree: int32 ``[n]``.
-        max_in_degree, max_out_degree: python ints (at least 0).
-        in_table: int32 ``[n, max_in_degree]``; row ``i`` lists the in-neighbours of
-            ``i`` in increasing order, padded with ``-1``. Slot ``k`` of node ``i`` is
-            the edge ``in_table[i, k] -> i``.
-        in_mask: bool ``[n, max_in_degree]``, ``in_table >= 0``.
-        out_table: int32 ``[n, max_out_degree]``; out-neighbours, ``-1`` padded.
-        out_mask: bool ``[n, max_out_degree]``, ``out_table >= 0``.
-        out_recv_slot: int32 ``[n, max_out_degree]``; ``out_recv_slot[i, k]`` is the
-            in-slot, at receiver ``out_table[i, k]``, of the edge on out-slot ``k`` of
-            ``i`` (``-1`` on padding). A sender addresses a message with
-            ``(out_table[i, k], out_recv_slot[i, k])``.
-        in_send_slot: int32 ``[n, max_in_degree]``; ``in_send_slot[i, k]`` is the
-            out-slot, at sender ``in_table[i, k]``, of the edge on in-slot ``k`` of
-            ``i`` (``-1`` on padding).
-        edges: int32 ``[num_edges, 2]`` of ``(src, dst)`` in row-major order.
+      adjacency: read-only bool ``[n, n]``; ``adjacency[i, j]`` means an edge
+        ``i -> j`` (``i`` sends to ``j``).
+      name: a label for reports and plots.
+      n: number of nodes.
+      in_degree, out_degree: int32 ``[n]``.
+      max_in_degree, max_out_degree: python ints (at least 0).
+      in_table: int32 ``[n, max_in_degree]``; row ``i`` lists the in-neighbours of
+        ``i`` in increasing order, padded with ``-1``. Slot ``k`` of node ``i`` is
+        the edge ``in_table[i, k] -> i``.
+      in_mask: bool ``[n, max_in_degree]``, ``in_table >= 0``.
+      out_table: int32 ``[n, max_out_degree]``; out-neighbours, ``-1`` padded.
+      out_mask: bool ``[n, max_out_degree]``, ``out_table >= 0``.
+      out_recv_slot: int32 ``[n, max_out_degree]``; ``out_recv_slot[i, k]`` is the
+        in-slot, at receiver ``out_table[i, k]``, of the edge on out-slot ``k`` of
+        ``i`` (``-1`` on padding). A sender addresses a message with
+        ``(out_table[i, k], out_recv_slot[i, k])``.
+      in_send_slot: int32 ``[n, max_in_degree]``; ``in_send_slot[i, k]`` is the
+        out-slot, at sender ``in_table[i, k]``, of the edge on in-slot ``k`` of
+        ``i`` (``-1`` on padding).
+      edges: int32 ``[num_edges, 2]`` of ``(src, dst)`` in row-major order.
 
     Graphs are immutable, hashable and compare by adjacency, so they can be static
     arguments of `jax.jit`.
 
     Example:
-        >>> g = directed_ring(4)
-        >>> g.in_table.tolist(), g.in_slot_of(3, 0)
-        ([[3], [0], [1], [2]], 0)
+      >>> g = directed_ring(4)
+      >>> g.in_table.tolist(), g.in_slot_of(3, 0)
+      ([[3], [0], [1], [2]], 0)
     """
 
     adjacency: np.ndarray
@@ -209,7 +209,7 @@ class Graph:
         """The slot of edge ``src -> dst`` in ``dst``'s padded in-tables.
 
         Raises:
-            ValueError: if there is no such edge.
+          ValueError: if there is no such edge.
         """
         slot = int(self._in_slot[self._node(src), self._node(dst)])
         if slot < 0:
@@ -261,11 +261,11 @@ def from_adjacency(a, name: str = "") -> Graph:
     ``W[receiver, sender]`` can be turned into its graph with ``from_adjacency(W.T)``.
 
     Args:
-        a: array-like ``[n, n]`` (bool or numeric).
-        name: optional label.
+      a: array-like ``[n, n]`` (bool or numeric).
+      name: optional label.
 
     Returns:
-        A `Graph`.
+      A `Graph`.
     """
     a = np.asarray(a)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
@@ -283,11 +283,11 @@ def from_networkx(g, name: str = "") -> Graph:
     and ``is_directed``, so it never imports networkx itself.
 
     Args:
-        g: a ``networkx.Graph`` or ``networkx.DiGraph``.
-        name: optional label (defaults to ``g.name``).
+      g: a ``networkx.Graph`` or ``networkx.DiGraph``.
+      name: optional label (defaults to ``g.name``).
 
     Returns:
-        A `Graph`.
+      A `Graph`.
     """
     index = {node: k for k, node in enumerate(g.nodes)}
     n = len(index)
@@ -306,8 +306,8 @@ def ring(n: int) -> Graph:
     """Undirected ring: edges ``i <-> i + 1 mod n``.
 
     Example:
-        >>> ring(4).in_neighbors(0).tolist()
-        [1, 3]
+      >>> ring(4).in_neighbors(0).tolist()
+      [1, 3]
     """
     n = _check_n(n)
     i = np.arange(n)
@@ -421,20 +421,20 @@ def pull_weights(graph: Graph) -> np.ndarray:
     r"""Row-stochastic uniform pull weights.
 
     .. math::
-        R_{ij} = \frac{1}{|N^{in}(i)| + 1} \quad \text{for } j \in N^{in}(i) \cup \{i\},
+      R_{ij} = \frac{1}{|N^{in}(i)| + 1} \quad \text{for } j \in N^{in}(i) \cup \{i\},
 
     so ``x_i <- sum_j R[i, j] x_j`` averages ``i``'s value with those it pulls over
     the edges ``j -> i`` (``X <- R @ X`` stacked over nodes). Rows sum to one.
 
     Args:
-        graph: the pull graph (edge ``j -> i``: ``i`` receives ``j``'s value).
+      graph: the pull graph (edge ``j -> i``: ``i`` receives ``j``'s value).
 
     Returns:
-        float64 ``[n, n]`` matrix ``R[receiver, sender]``.
+      float64 ``[n, n]`` matrix ``R[receiver, sender]``.
 
     Example:
-        >>> pull_weights(directed_ring(3))[0].tolist()
-        [0.5, 0.0, 0.5]
+      >>> pull_weights(directed_ring(3))[0].tolist()
+      [0.5, 0.0, 0.5]
     """
     support = graph.adjacency.T | np.eye(graph.n, dtype=bool)
     return support / support.sum(axis=1, keepdims=True)
@@ -444,17 +444,17 @@ def push_weights(graph: Graph) -> np.ndarray:
     r"""Column-stochastic uniform push weights.
 
     .. math::
-        C_{ji} = \frac{1}{|N^{out}(i)| + 1} \quad \text{for } j \in N^{out}(i) \cup \{i\},
+      C_{ji} = \frac{1}{|N^{out}(i)| + 1} \quad \text{for } j \in N^{out}(i) \cup \{i\},
 
     i.e. node ``i`` keeps the share ``C[i, i]`` of its mass and sends the same
     share to each out-neighbour (``X <- C @ X`` stacked over nodes). Columns sum
     to one, so the total mass ``sum_i x_i`` is conserved.
 
     Args:
-        graph: the push graph (edge ``i -> j``: ``i`` sends mass to ``j``).
+      graph: the push graph (edge ``i -> j``: ``i`` sends mass to ``j``).
 
     Returns:
-        float64 ``[n, n]`` matrix ``C[receiver, sender]``.
+      float64 ``[n, n]`` matrix ``C[receiver, sender]``.
     """
     support = graph.adjacency.T | np.eye(graph.n, dtype=bool)
     return support / support.sum(axis=0, keepdims=True)
@@ -464,21 +464,21 @@ def metropolis_weights(graph: Graph) -> np.ndarray:
     r"""Symmetric, doubly stochastic Metropolis–Hastings weights of an undirected graph.
 
     .. math::
-        W_{ij} = \frac{1}{1 + \max(d_i, d_j)} \text{ for edges}, \qquad
-        W_{ii} = 1 - \sum_{j \ne i} W_{ij}.
+      W_{ij} = \frac{1}{1 + \max(d_i, d_j)} \text{ for edges}, \qquad
+      W_{ii} = 1 - \sum_{j \ne i} W_{ij}.
 
     Args:
-        graph: an undirected (symmetric) graph.
+      graph: an undirected (symmetric) graph.
 
     Returns:
-        float64 ``[n, n]`` symmetric matrix with rows and columns summing to one.
+      float64 ``[n, n]`` symmetric matrix with rows and columns summing to one.
 
     Raises:
-        ValueError: if the graph is directed.
+      ValueError: if the graph is directed.
 
     References:
-        Xiao, Boyd and Lall, "A scheme for robust distributed sensor fusion based on
-        average consensus", IPSN 2005.
+      Xiao, Boyd and Lall, "A scheme for robust distributed sensor fusion based on
+      average consensus", IPSN 2005.
     """
     if not graph.is_symmetric:
         raise ValueError(
@@ -498,14 +498,14 @@ def in_weight_table(graph: Graph, w) -> tuple[np.ndarray, np.ndarray]:
     with ``v[i, k]`` the value received on in-slot ``k``.
 
     Args:
-        graph: the graph whose in-tables define the slots.
-        w: ``[n, n]`` weights, e.g. `pull_weights` (``w[i, j]`` weight ``i`` gives ``j``).
+      graph: the graph whose in-tables define the slots.
+      w: ``[n, n]`` weights, e.g. `pull_weights` (``w[i, j]`` weight ``i`` gives ``j``).
 
     Returns:
-        ``(self_w, nbr_w)``: float64 ``[n]`` and ``[n, max_in_degree]`` (0 on padding).
+      ``(self_w, nbr_w)``: float64 ``[n]`` and ``[n, max_in_degree]`` (0 on padding).
 
     Raises:
-        ValueError: if ``w`` has the wrong shape or weight on a non-edge.
+      ValueError: if ``w`` has the wrong shape or weight on a non-edge.
     """
     w = _check_square(w, graph.n)
     _check_support(w, graph)
@@ -521,14 +521,14 @@ def out_weight_table(graph: Graph, w) -> tuple[np.ndarray, np.ndarray]:
     ``nbr_w[i, k] * z`` on out-slot ``k``.
 
     Args:
-        graph: the graph whose out-tables define the slots.
-        w: ``[n, n]`` weights, e.g. `push_weights` (``w[j, i]`` share ``i`` sends ``j``).
+      graph: the graph whose out-tables define the slots.
+      w: ``[n, n]`` weights, e.g. `push_weights` (``w[j, i]`` share ``i`` sends ``j``).
 
     Returns:
-        ``(self_w, nbr_w)``: float64 ``[n]`` and ``[n, max_out_degree]`` (0 on padding).
+      ``(self_w, nbr_w)``: float64 ``[n]`` and ``[n, max_out_degree]`` (0 on padding).
 
     Raises:
-        ValueError: if ``w`` has the wrong shape or weight on a non-edge.
+      ValueError: if ``w`` has the wrong shape or weight on a non-edge.
     """
     w = _check_square(w, graph.n)
     _check_support(w, graph)
@@ -589,13 +589,13 @@ def check_row_stochastic(w, graph: Graph | None = None, atol: float = 1e-6) -> N
     """Checks that ``w`` is a nonnegative matrix whose rows sum to one.
 
     Args:
-        w: ``[n, n]`` weights ``W[receiver, sender]``.
-        graph: if given, also checks there is no weight on a non-edge.
-        atol: tolerance on the sums and on negative entries.
+      w: ``[n, n]`` weights ``W[receiver, sender]``.
+      graph: if given, also checks there is no weight on a non-edge.
+      atol: tolerance on the sums and on negative entries.
 
     Raises:
-        ValueError: naming the failing rows and by how much they miss, the negative
-            entries, a wrong shape, or the non-edges carrying weight.
+      ValueError: naming the failing rows and by how much they miss, the negative
+        entries, a wrong shape, or the non-edges carrying weight.
     """
     w = _check_common(w, graph, atol)
     _check_sums(w.sum(axis=1), "rows", atol)
@@ -647,14 +647,14 @@ def roots_of_spanning_trees(graph) -> np.ndarray:
     graph has every node as a root.
 
     Args:
-        graph: a `Graph` (or an adjacency matrix).
+      graph: a `Graph` (or an adjacency matrix).
 
     Returns:
-        int array of roots in increasing order (empty if there is none).
+      int array of roots in increasing order (empty if there is none).
 
     Example:
-        >>> roots_of_spanning_trees(out_tree(5)).tolist()
-        [0]
+      >>> roots_of_spanning_trees(out_tree(5)).tolist()
+      [0]
     """
     g = _as_graph(graph)
     a = g.adjacency
@@ -682,24 +682,24 @@ def check_common_root(pull, push) -> np.ndarray:
     of both: it reaches every node in ``G_R`` and every node reaches it in ``G_C``.
 
     Args:
-        pull: the pull graph ``G_R`` (a `Graph` or adjacency matrix).
-        push: the push graph ``G_C``, on the same nodes.
+      pull: the pull graph ``G_R`` (a `Graph` or adjacency matrix).
+      push: the push graph ``G_C``, on the same nodes.
 
     Returns:
-        int array of common roots, increasing, nonempty.
+      int array of common roots, increasing, nonempty.
 
     Raises:
-        ValueError: "no node reaches every node in the pull graph", "no node is
-            reached by every node in the push graph", or "the pull graph's roots {..}
-            and the push graph's roots {..} do not intersect"; also on different sizes.
+      ValueError: "no node reaches every node in the pull graph", "no node is
+        reached by every node in the push graph", or "the pull graph's roots {..}
+        and the push graph's roots {..} do not intersect"; also on different sizes.
 
     Example:
-        >>> check_common_root(out_tree(7), in_tree(7)).tolist()
-        [0]
+      >>> check_common_root(out_tree(7), in_tree(7)).tolist()
+      [0]
 
     References:
-        Pu, Shi, Xu and Nedić, "Push-Pull gradient methods for distributed
-        optimization in networks", IEEE TAC 2021 (arXiv:1810.06653).
+      Pu, Shi, Xu and Nedić, "Push-Pull gradient methods for distributed
+      optimization in networks", IEEE TAC 2021 (arXiv:1810.06653).
     """
     pull, push = _as_graph(pull), _as_graph(push)
     if pull.n != push.n:
@@ -732,8 +732,8 @@ def spectral_gap(w) -> float:
     r"""One minus the second largest eigenvalue modulus of a stochastic matrix.
 
     .. math::
-        \gamma(W) = 1 - |\lambda_2(W)|, \qquad
-        |\lambda_1| = 1 \ge |\lambda_2| \ge \dots
+      \gamma(W) = 1 - |\lambda_2(W)|, \qquad
+      |\lambda_1| = 1 \ge |\lambda_2| \ge \dots
 
     For a symmetric doubly stochastic ``W`` the moduli are the singular values, so
     ``1 - gamma`` is the factor by which one gossip step shrinks the distance to the
@@ -742,10 +742,10 @@ def spectral_gap(w) -> float:
     A gap of 0 means no convergence (e.g. a disconnected or periodic graph).
 
     Args:
-        w: ``[n, n]`` row- or column-stochastic matrix.
+      w: ``[n, n]`` row- or column-stochastic matrix.
 
     Returns:
-        The gap, a float in ``[0, 1]``.
+      The gap, a float in ``[0, 1]``.
     """
     w = _check_square(w)
     if w.shape[0] == 1:
@@ -773,20 +773,20 @@ def perron_vectors(r, c) -> tuple[np.ndarray, np.ndarray]:
     column-stochastic ``C``.
 
     .. math::
-        u^\top R = u^\top, \quad C v = v, \quad \textstyle\sum_i u_i = \sum_i v_i = 1.
+      u^\top R = u^\top, \quad C v = v, \quad \textstyle\sum_i u_i = \sum_i v_i = 1.
 
     ``u`` weighs how much each node's value counts in the pull-consensus limit,
     ``v`` where push mass settles.
 
     Args:
-        r: ``[n, n]`` row-stochastic pull weights.
-        c: ``[n, n]`` column-stochastic push weights.
+      r: ``[n, n]`` row-stochastic pull weights.
+      c: ``[n, n]`` column-stochastic push weights.
 
     Returns:
-        ``(u, v)``, float64 ``[n]`` each, nonnegative, summing to one.
+      ``(u, v)``, float64 ``[n]`` each, nonnegative, summing to one.
 
     Raises:
-        ValueError: if a matrix is not stochastic or its Perron vector is not unique.
+      ValueError: if a matrix is not stochastic or its Perron vector is not unique.
     """
     check_row_stochastic(r)
     check_column_stochastic(c)
@@ -806,19 +806,19 @@ def effective_step_factor(r, c) -> float:
     (``u = v = e_root``). Divide a target step by this factor to get ``gamma``.
 
     Args:
-        r: ``[n, n]`` row-stochastic pull weights.
-        c: ``[n, n]`` column-stochastic push weights.
+      r: ``[n, n]`` row-stochastic pull weights.
+      c: ``[n, n]`` column-stochastic push weights.
 
     Returns:
-        ``n * u @ v`` as a float.
+      ``n * u @ v`` as a float.
 
     Example:
-        >>> effective_step_factor(pull_weights(out_tree(4)), push_weights(in_tree(4)))
-        4.0
+      >>> effective_step_factor(pull_weights(out_tree(4)), push_weights(in_tree(4)))
+      4.0
 
     References:
-        Pu, Shi, Xu and Nedić, "Push-Pull gradient methods for distributed
-        optimization in networks", IEEE TAC 2021 (arXiv:1810.06653).
+      Pu, Shi, Xu and Nedić, "Push-Pull gradient methods for distributed
+      optimization in networks", IEEE TAC 2021 (arXiv:1810.06653).
     """
     u, v = perron_vectors(r, c)
     return float(u.shape[0] * (u @ v))
