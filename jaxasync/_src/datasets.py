@@ -105,9 +105,7 @@ def split_iid(x, y, num_nodes: int, *, seed: int = 0) -> list[dict[str, np.ndarr
     return _shards(x, y, np.array_split(perm, n))
 
 
-def split_contiguous(
-    x, y, num_nodes: int, *, drop_remainder: bool = False
-) -> list[dict[str, np.ndarray]]:
+def split_contiguous(x, y, num_nodes: int, *, drop_remainder: bool = False) -> list[dict[str, np.ndarray]]:
     """Node ``i`` gets a contiguous block of rows, in order (AsGrad's split).
 
     With ``drop_remainder=False`` the blocks are ``np.array_split`` blocks (sizes differ by at most one,
@@ -336,7 +334,7 @@ def synthetic_fedprox(
 
     Example:
       >>> shards = synthetic_fedprox(10, 100, 30, alpha=1.0, beta=1.0)
-      >>> len(shards), shards[0]["x"].shape, sorted(set(shards[0]["y"].tolist())) <= [-1.0, 1.0]
+      >>> len(shards), shards[0]["x"].shape, set(shards[0]["y"].tolist()) <= {-1.0, 1.0}
       (10, (100, 30), True)
 
     References:
