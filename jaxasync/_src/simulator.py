@@ -49,6 +49,7 @@ class Counters(NamedTuple):
 
 class _Pool(NamedTuple):
     time: jax.Array  # float32 [M]; inf marks a free slot
+    src: jax.Array  # int32 [M]
     dst: jax.Array  # int32 [M]
     slot: jax.Array  # int32 [M]: sender's slot in the receiver's in_table row
     seq: jax.Array  # int32 [M]
@@ -65,6 +66,28 @@ class _Carry(NamedTuple):
     version: jax.Array  # int32: shared-buffer updates so far
     read_version: jax.Array  # int32 [n]: version when the node last read the shared buffer
     counters: Counters
+    log: Any  # EventLog of fixed length, or None when not logging
+
+
+class EventLog(NamedTuple):
+    """The events a simulation processed, in order (what a replay executes).
+
+    Attributes:
+      event: int32, the event index (its random keys are ``event_keys(seed, event)``).
+      kind: int32, 0 for a job completion, ``1 + c`` for a delivery on the ``c``-th channel (channels in
+        sorted name order), -1 for an unused row.
+      node: int32, the node that handled the event (the receiver for a delivery).
+      src: int32, the sender of a delivered message (-1 for a job).
+      seq: int32, the sequence number of a delivered message (-1 for a job).
+      live: bool, False if the node had crashed (the event was dropped).
+    """
+
+    event: jax.Array
+    kind: jax.Array
+    node: jax.Array
+    src: jax.Array
+    seq: jax.Array
+    live: jax.Array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -192,6 +215,7 @@ def _send(
         s = seq[ci, node]
         pools[ci] = _Pool(
             time=pool.time.at[target].set(carry.now + delays, mode="drop"),
+            src=pool.src.at[target].set(node, mode="drop"),
             dst=pool.dst.at[target].set(dst, mode="drop"),
             slot=pool.slot.at[target].set(slot, mode="drop"),
             seq=pool.seq.at[target].set(s, mode="drop"),
@@ -240,8 +264,10 @@ def _event(static: _Static, params: dict, carry: _Carry, key) -> _Carry:
     heads = [jnp.min(p.time) for p in carry.pools] + [jnp.min(carry.step_time)]
     which = jnp.argmin(jnp.stack(heads))
     now = jnp.stack(heads)[which]
+    if carry.log is not None:
+        carry = _log_event(static, carry, which, now, crash)
     carry = carry._replace(now=jnp.where(jnp.isinf(now), carry.now, now))
-    k_batch, k_handler, k_time, k_send = jax.random.split(key, 4)
+    k_batch, k_handler, k_time, k_send = key
     sched = functools.partial(
         _schedule, static, compute_scales=params["compute_scales"], stragglers=params["stragglers"]
     )
@@ -307,12 +333,65 @@ def _event(static: _Static, params: dict, carry: _Carry, key) -> _Carry:
     return carry._replace(counters=c._replace(events=c.events + 1))
 
 
-def _init_carry(static: _Static, params: dict, key) -> _Carry:
+def _log_event(static: _Static, carry: _Carry, which, now, crash) -> _Carry:
+    """Appends the event about to be processed to the carry's log."""
+    nc = len(static.channel_names)
+    nodes, srcs, seqs = [], [], []
+    for pool in carry.pools:
+        m = jnp.argmin(pool.time)
+        nodes.append(pool.dst[m])
+        srcs.append(pool.src[m])
+        seqs.append(pool.seq[m])
+    nodes.append(jnp.argmin(carry.step_time).astype(jnp.int32))
+    srcs.append(jnp.int32(-1))
+    seqs.append(jnp.int32(-1))
+    node = jnp.stack(nodes)[which]
+    kind = jnp.where(jnp.isinf(now), -1, jnp.where(which == nc, 0, which + 1))
+    e = carry.counters.events
+    log = carry.log
+    log = EventLog(
+        event=log.event.at[e].set(e, mode="drop"),
+        kind=log.kind.at[e].set(kind, mode="drop"),
+        node=log.node.at[e].set(node, mode="drop"),
+        src=log.src.at[e].set(jnp.stack(srcs)[which], mode="drop"),
+        seq=log.seq.at[e].set(jnp.stack(seqs)[which], mode="drop"),
+        live=log.live.at[e].set(now < crash[node], mode="drop"),
+    )
+    return carry._replace(log=log)
+
+
+def root_keys(seed) -> tuple[jax.Array, jax.Array]:
+    """``(k_init, k_run)`` of a simulation with this seed (an int or a PRNG key)."""
+    key = seed
+    if not jax.dtypes.issubdtype(jnp.result_type(seed), jax.dtypes.prng_key):
+        key = jax.random.key(seed)
+    k_init, k_run = jax.random.split(key)
+    return k_init, k_run
+
+
+def init_keys(seed, n: int) -> tuple[jax.Array, jax.Array]:
+    """``(node_keys [n], k_time)``: the key each node's ``init`` gets, and the first-job-times key."""
+    k_init, _ = root_keys(seed)
+    k_nodes, k_time = jax.random.split(k_init)
+    return jax.random.split(k_nodes, n), k_time
+
+
+def event_keys(seed, event) -> tuple[jax.Array, ...]:
+    """``(k_batch, k_handler, k_time, k_send)`` of event number ``event``.
+
+    ``k_batch`` draws the minibatch and ``k_handler`` is the key a handler gets; any executor that
+    replays a simulation derives them the same way.
+    """
+    _, k_run = root_keys(seed)
+    return tuple(jax.random.split(jax.random.fold_in(k_run, event), 4))
+
+
+def _init_carry(static: _Static, params: dict, seed, log_size: int) -> _Carry:
     program, n = static.program, static.n
     nodes = jnp.arange(n, dtype=jnp.int32)
-    k_init, k_time = jax.random.split(key)
+    node_keys, k_time = init_keys(seed, n)
     params0 = static.problem.init_params
-    states = jax.vmap(lambda i, k: program.init(i, params0, k))(nodes, jax.random.split(k_init, n))
+    states = jax.vmap(lambda i, k: program.init(i, params0, k))(nodes, node_keys)
     shared = _init_shared(static)
     states = jax.vmap(lambda s, i: program.observe(s, _views(static, shared, i)))(states, nodes)
     ready = jax.vmap(program.ready)(states)
@@ -330,7 +409,7 @@ def _init_carry(static: _Static, params: dict, key) -> _Carry:
             lambda t: jnp.zeros((static.pool_size, *jnp.shape(t)), jnp.result_type(t)), ch.payload
         )
         z = jnp.zeros((static.pool_size,), jnp.int32)
-        pools.append(_Pool(jnp.full((static.pool_size,), jnp.inf, jnp.float32), z, z, z, payload))
+        pools.append(_Pool(jnp.full((static.pool_size,), jnp.inf, jnp.float32), z, z, z, z, payload))
     nc = len(static.channel_names)
     zc = jnp.zeros((nc,), jnp.int32)
     counters = Counters(
@@ -356,6 +435,11 @@ def _init_carry(static: _Static, params: dict, key) -> _Carry:
         version=jnp.int32(0),
         read_version=jnp.zeros((n,), jnp.int32),
         counters=counters,
+        log=None
+        if not log_size
+        else EventLog(
+            *(jnp.full((log_size,), -1, jnp.int32) for _ in range(5)), jnp.zeros((log_size,), bool)
+        ),
     )
 
 
@@ -419,19 +503,14 @@ def run(
     num_records: int,
     record_every: int,
     max_events_per_record: int,
+    log_size: int = 0,
 ):
     """Runs the simulation and returns (final carry, metrics stacked over ``num_records + 1`` points).
 
     A record is taken every ``record_every`` completed local steps (summed over nodes), and at the
     start. A chunk stops early if no event is pending or after ``max_events_per_record`` events.
     """
-    key = (
-        jax.random.key(seed)
-        if jnp.ndim(seed) == 0 and not jax.dtypes.issubdtype(jnp.result_type(seed), jax.dtypes.prng_key)
-        else seed
-    )
-    k_init, k_run = jax.random.split(key)
-    carry = _init_carry(static, params, k_init)
+    carry = _init_carry(static, params, seed, log_size)
 
     def chunk(carry, r):
         target = (r + 1) * record_every
@@ -448,7 +527,7 @@ def run(
             )
 
         def body(carry):
-            return _event(static, params, carry, jax.random.fold_in(k_run, carry.counters.events))
+            return _event(static, params, carry, event_keys(seed, carry.counters.events))
 
         carry = jax.lax.while_loop(cond, body, carry)
         return carry, _metrics(static, carry, params)
@@ -596,3 +675,64 @@ def simulate(
         executor="simulator",
     )
     return trace_lib.Trace(records, meta)
+
+
+class Replay(NamedTuple):
+    """What a replay needs: the processed events in order, and the end state to compare against.
+
+    Attributes:
+      events: an :class:`EventLog` of numpy arrays, trimmed to the events processed.
+      node_params: every node's ``params(state)`` at the end (leaves with a leading node axis).
+      shared: the shared objects at the end (Buffers as pytrees, Registers as RegistersView).
+      seed: the seed the keys derive from (see :func:`event_keys`).
+    """
+
+    events: EventLog
+    node_params: PyTree
+    shared: dict
+    seed: int
+
+
+def record(
+    algorithm: program_lib.NodeProgram,
+    problem,
+    asynchrony=None,
+    *,
+    steps: int,
+    seed: int = 0,
+    pool_size: int | None = None,
+    max_events: int | None = None,
+) -> Replay:
+    """Simulates like :func:`simulate` and returns the event log and final states for a replay.
+
+    A real executor that processes ``events`` in order, deriving keys with :func:`init_keys` and
+    :func:`event_keys`, drives the same handlers on the same inputs and must end in ``node_params``.
+    """
+    asynchrony = asynchrony or asynchrony_lib.Asynchrony()
+    n = problem.num_nodes
+    algorithm.check_nodes(n)
+    static = make_static(algorithm, problem, asynchrony, pool_size)
+    params = make_params(asynchrony, n)
+    max_events = max_events or 1000 * steps
+    log_size = max_events
+
+    def fn(seed):
+        carry, _ = run(
+            static,
+            params,
+            seed,
+            num_records=1,
+            record_every=steps,
+            max_events_per_record=max_events,
+            log_size=log_size,
+        )
+        views = {
+            name: (static.unravels[name](v) if name in static.unravels else v)
+            for name, v in carry.shared.items()
+        }
+        return carry.log, carry.counters.events, jax.vmap(algorithm.params)(carry.states), views
+
+    log, count, node_params, shared = jax.device_get(jax.jit(fn)(jnp.int32(seed)))
+    count = int(count)
+    events = EventLog(*(np.asarray(a)[:count] for a in log))
+    return Replay(events, node_params, shared, seed)
