@@ -1,0 +1,461 @@
+# Copyright 2025 The jaxasync Authors. Licensed under the Apache License 2.0.
+"""Server-based asynchronous SGD with job assignment: pure, random, shuffled (AsGrad).
+
+Layout of the node program (``n = num_workers + 1`` nodes):
+
+* nodes ``0 .. num_workers - 1`` are the **workers**; worker ``i`` reads data shard ``i`` and its id is
+  also the worker index the assignment policy uses;
+* node ``num_workers`` (the last one) is the **server**: it never computes (``ready`` is always False)
+  and owns the model ``x_t``.
+
+Executors give every node a data shard, so a problem with one shard per worker must get an extra one
+for the server: :func:`server_problem` appends a placeholder that is never sampled and keeps the
+objective ``f = (1/num_workers) sum_i f_i`` over the workers' shards. Per-node asynchrony sequences
+need ``num_workers + 1`` entries too: the server's compute time is unused and its message delay is the
+job-download delay.
+
+Channels: ``"job"`` (server -> every worker; payload: the snapshot ``x_a`` and its iteration ``a``) and
+``"grad"`` (every worker -> server; payload: the gradient and the ``a`` of the job it came from).
+
+References:
+  Islamov, Safaryan and Alistarh, "AsGrad: a sharp unified analysis of asynchronous-SGD algorithms",
+  AISTATS 2024 (arXiv:2310.20452).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxasync._src import assignment as assignment_lib
+from jaxasync._src import program as program_lib
+from jaxasync._src import schedules as schedules_lib
+from jaxasync._src import topology as topology_lib
+
+PyTree = Any
+
+__all__ = [
+    "AsGradState",
+    "ScaleByDelayAdaptiveState",
+    "asgrad",
+    "delay_adaptive_asgd",
+    "ps_asgd",
+    "scale_by_delay_adaptive",
+    "server_problem",
+]
+
+
+class AsGradState(NamedTuple):
+    """State of one node of :func:`asgrad` (server fields are unused on workers and vice versa).
+
+    Attributes:
+      node: int32 node id.
+      params: the server's model ``x_t`` (workers keep ``x_0``, unused).
+      opt_state: the server optimizer's state.
+      count: int32 server iteration ``t`` (gradients applied).
+      assign: the server's :class:`~jaxasync._src.assignment.AssignmentState`.
+      jobs: int32 ``[num_workers]``: jobs the server assigned to each worker (initial jobs excluded).
+      delay_sum: int32, sum of the delays ``tau_t`` of the applied gradients.
+      delay_max: int32, largest delay applied.
+      queue: the worker's FIFO of job snapshots, leaves ``[capacity, ...]``.
+      queue_iter: int32 ``[capacity]``, the iteration ``a`` each queued snapshot was assigned at.
+      head: int32 index of the oldest queued job.
+      size: int32 number of queued jobs.
+      overflow: int32 jobs this worker dropped because its queue was full.
+    """
+
+    node: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    count: jax.Array
+    assign: assignment_lib.AssignmentState
+    jobs: jax.Array
+    delay_sum: jax.Array
+    delay_max: jax.Array
+    queue: PyTree
+    queue_iter: jax.Array
+    head: jax.Array
+    size: jax.Array
+    overflow: jax.Array
+
+
+class ScaleByDelayAdaptiveState(NamedTuple):
+    """State of :func:`scale_by_delay_adaptive`: the int32 update ``count``."""
+
+    count: jax.Array
+
+
+def scale_by_delay_adaptive(
+    learning_rate, num_workers: int, smoothness: float | None = None, threshold: float | None = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""Delay-adaptive SGD step as an Optax transformation taking ``delay=`` per update.
+
+    .. math::
+        u_t = -\gamma_t(\tau_t)\, g_t, \qquad
+        \gamma_t = \gamma \text{ if } \tau_t \le \tau_C = 2n, \text{ else }
+        \min(\gamma, 1/(4 L \tau_t)) \text{ (or } \gamma\,\tau_C/\tau_t \text{ without } L).
+
+    The rule itself is :func:`jaxasync._src.schedules.delay_adaptive` (recalled from memory, see there).
+
+    Args:
+      learning_rate: base step ``gamma`` (float or schedule ``count -> gamma``).
+      num_workers: ``n``, concurrent jobs.
+      smoothness: ``L`` if known.
+      threshold: ``tau_C`` (default ``2 n``).
+
+    Returns:
+      A ``GradientTransformationExtraArgs``; ``update(g, state, params=None, *, delay)``.
+
+    Example:
+      >>> tx = scale_by_delay_adaptive(0.1, num_workers=2)
+      >>> u, _ = tx.update(jnp.ones(2), tx.init(jnp.ones(2)), delay=8)
+      >>> u.tolist()
+      [-0.05000000074505806, -0.05000000074505806]
+
+    References:
+      Mishchenko, Bach, Even and Woodworth, "Asynchronous SGD beats minibatch SGD under arbitrary
+      delays", NeurIPS 2022 (arXiv:2206.07638).
+    """
+    step_size = schedules_lib.delay_adaptive(learning_rate, num_workers, smoothness, threshold)
+
+    def init_fn(params):
+        del params  # only a counter
+        return ScaleByDelayAdaptiveState(jnp.zeros((), jnp.int32))
+
+    def update_fn(updates, state, params=None, *, delay=0, **extra_args):
+        del params, extra_args  # the step depends on the count and the delay only
+        gamma = step_size(state.count, delay)
+        updates = jax.tree.map(lambda g: (-gamma * g).astype(g.dtype), updates)
+        return updates, ScaleByDelayAdaptiveState(state.count + 1)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class _ServerProblem:
+    """A problem with one placeholder shard appended for the server node (never sampled)."""
+
+    def __init__(self, problem):
+        self.base = problem
+        self.num_workers = problem.num_nodes
+        self.num_nodes = problem.num_nodes + 1
+        for name in ("loss_fn", "init_params", "batch_size", "optimum", "f_star", "grad_fn"):
+            setattr(self, name, getattr(problem, name))
+        self.shards = list(problem.shards) + [problem.shards[-1]]
+        self.sizes = np.append(problem.sizes, problem.sizes[-1]).astype(np.int32)
+        self.name = f"{problem.name}+server"
+
+    def sample(self, key, node):
+        # The server never computes; clipping keeps a traced node id in range.
+        return self.base.sample(key, jnp.minimum(node, self.num_workers - 1))
+
+    def node_loss(self, params, node):
+        return self.base.node_loss(params, min(int(node), self.num_workers - 1))
+
+    def loss(self, params):
+        return self.base.loss(params)
+
+    def grad_norm(self, params):
+        return self.base.grad_norm(params)
+
+    def __repr__(self):
+        return f"server_problem({self.base!r})"
+
+
+def server_problem(problem):
+    """``problem`` with an extra node for the server of :func:`asgrad` (the last node).
+
+    Worker ``i`` keeps shard ``i``; the loss and gradient norm stay the workers' average.
+
+    Args:
+      problem: a :class:`jaxasync.Problem` with one shard per worker.
+
+    Returns:
+      A problem-like object with ``num_nodes = problem.num_nodes + 1`` for the executors.
+    """
+    if not hasattr(problem, "num_nodes") or not hasattr(problem, "sample"):
+        raise TypeError(f"server_problem expects a jaxasync.Problem, got {type(problem).__name__}")
+    return _ServerProblem(problem)
+
+
+def _check_optimizer(learning_rate, optimizer, name: str):
+    if (learning_rate is None) == (optimizer is None):
+        raise ValueError(f"{name}: pass exactly one of learning_rate and optimizer.")
+    if optimizer is None:
+        return optax.sgd(learning_rate)
+    if not isinstance(optimizer, optax.GradientTransformation | optax.GradientTransformationExtraArgs):
+        raise TypeError(
+            f"{name}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def _spec(params: PyTree) -> PyTree:
+    """Arrays / ShapeDtypeStructs -> zero arrays (the template of a message payload)."""
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+
+
+def asgrad(
+    *,
+    params: PyTree,
+    num_workers: int,
+    policy: str = "pure",
+    learning_rate: float | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    staleness: optax.GradientTransformationExtraArgs | None = None,
+    queue_capacity: int | None = None,
+) -> program_lib.NodeProgram:
+    r"""Server-based asynchronous SGD with pure / random / shuffled job assignment (AsGrad).
+
+    Each worker ``j`` keeps a FIFO of jobs ``(x_a, a)``. When it finishes the head job it sends
+    ``g = grad f_j(x_a; xi)`` (its *own* data) and ``a`` to the server, which at iteration ``t`` does
+
+    .. math::
+        \tau_t = t - a, \qquad x_{t+1} = x_t + \mathrm{opt}(g;\ \mathrm{delay}=\tau_t)
+        \quad (= x_t - \gamma g \text{ with } \texttt{learning\_rate}),
+
+    then picks the worker ``k_t`` of the next job by ``policy`` and sends it ``(x_{t+1}, t + 1)``:
+
+    * ``pure``: ``k_t = j`` (every worker always holds exactly one job; Downpour-style PS-ASGD);
+    * ``random``: ``k_t ~ Uniform{0..n-1}`` (queues grow and shrink);
+    * ``shuffled``: a fresh permutation per block of ``n`` jobs, so each worker gets one job per block;
+    * ``shuffle_once``: one permutation reused for every block.
+
+    At start every worker holds one job at ``x_0``. Exactly ``num_workers`` jobs exist at any time
+    (each completion creates one), so a queue never holds more than ``num_workers`` jobs: that is the
+    default capacity (1 for ``pure``). A smaller ``queue_capacity`` saves memory; a job arriving at a
+    full queue is dropped and counted in ``queue_overflow`` (the system then has one job fewer).
+
+    Nodes ``0 .. num_workers - 1`` are workers (shard ``i``), node ``num_workers`` is the server; build
+    the problem with :func:`server_problem`. ``evaluate`` is the server's model. Metrics:
+    ``staleness_mean`` / ``staleness_max`` (the delays ``tau_t`` the server applied), ``jobs_min`` /
+    ``jobs_max`` (jobs assigned per worker), ``queue_overflow``, ``server_iterations``.
+
+    Args:
+      params: the model parameters (arrays or ``jax.ShapeDtypeStruct``), giving message shapes.
+      num_workers: number of workers ``n >= 1``.
+      policy: ``"pure"``, ``"random"``, ``"shuffled"`` or ``"shuffle_once"``.
+      learning_rate: constant step ``gamma`` (plain SGD on the server); or
+      optimizer: any Optax transformation for the server's update (called with ``delay=tau`` if it
+        takes extra args).
+      staleness: an optional delay-aware transformation chained *before* the optimizer (receives
+        ``delay=tau``), e.g. a staleness-dependent scaling.
+      queue_capacity: jobs a worker's queue holds (default ``num_workers``, 1 for ``pure``).
+
+    Returns:
+      A :class:`~jaxasync._src.program.NodeProgram` with ``num_nodes = num_workers + 1``.
+
+    Example:
+      >>> import jaxasync as ja
+      >>> problem = ja.Problem(loss, x0, shards, batch_size=8)                  # doctest: +SKIP
+      >>> prog = asgrad(params=x0, num_workers=len(shards), policy="shuffled",
+      ...               learning_rate=0.05)                                      # doctest: +SKIP
+      >>> trace = ja.simulate(prog, server_problem(problem), steps=2000)       # doctest: +SKIP
+
+    References:
+      Islamov, Safaryan and Alistarh, "AsGrad: a sharp unified analysis of asynchronous-SGD
+      algorithms", AISTATS 2024 (arXiv:2310.20452).
+    """
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer):
+        raise TypeError(f"asgrad: num_workers must be an int, got {type(num_workers).__name__}")
+    if num_workers < 1:
+        raise ValueError(f"asgrad: num_workers must be >= 1, got {num_workers}")
+    num_workers = int(num_workers)
+    policy_fn = assignment_lib.assignment_policy(policy)  # ValueError on an unknown name
+    opt = _check_optimizer(learning_rate, optimizer, "asgrad")
+    if staleness is not None:
+        opt = optax.chain(staleness, opt)
+    opt = optax.with_extra_args_support(opt)
+    if queue_capacity is None:
+        queue_capacity = 1 if policy == "pure" else num_workers
+    if isinstance(queue_capacity, bool) or not isinstance(queue_capacity, int) or queue_capacity < 1:
+        raise ValueError(f"asgrad: queue_capacity must be a positive int, got {queue_capacity!r}")
+    template = _spec(params)
+    if not jax.tree.leaves(template):
+        raise ValueError("asgrad: params has no arrays")
+    n, server, cap = num_workers + 1, num_workers, queue_capacity
+
+    jobs_adj = np.zeros((n, n), bool)
+    jobs_adj[server, :server] = True
+    job_ch = program_lib.Channel(
+        topology_lib.Graph(jobs_adj, name="jobs"), (template, jnp.zeros((), jnp.int32))
+    )
+    grad_ch = program_lib.Channel(
+        topology_lib.Graph(jobs_adj.T.copy(), name="grads"), (template, jnp.zeros((), jnp.int32))
+    )
+
+    def init(node, params, key):
+        node = jnp.asarray(node, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        return AsGradState(
+            node=node,
+            params=params,
+            opt_state=opt.init(params),
+            count=zero,
+            assign=policy_fn.init(key, num_workers),
+            jobs=jnp.zeros((num_workers,), jnp.int32),
+            delay_sum=zero,
+            delay_max=zero,
+            # The server cannot send at init: the first job (x_0, 0) starts in each worker's queue.
+            queue=jax.tree.map(lambda p: jnp.broadcast_to(p, (cap, *jnp.shape(p))), params),
+            queue_iter=jnp.zeros((cap,), jnp.int32),
+            head=zero,
+            size=(node < server).astype(jnp.int32),
+            overflow=zero,
+        )
+
+    def step(state, grad_fn, batch, key):
+        del key  # the batch is the only randomness of a worker's job
+        snapshot = jax.tree.map(lambda q: q[state.head], state.queue)
+        g = grad_fn(snapshot, batch)
+        g = jax.tree.map(lambda a, p: a.astype(p.dtype), g, snapshot)
+        out = program_lib.Outbox(
+            jax.tree.map(lambda x: x[None], (g, state.queue_iter[state.head])),
+            jnp.ones((1,), bool),
+        )
+        state = state._replace(head=(state.head + 1) % cap, size=state.size - 1)
+        return state, program_lib.Emit(outbox={"grad": out})
+
+    def receive_grad(state, msg):
+        # Only the server receives gradients; msg.slot is the sender's worker id (sorted in-table).
+        g, assigned_at = msg.payload
+        delay = state.count - assigned_at
+        updates, opt_state = opt.update(g, state.opt_state, state.params, delay=delay)
+        params = optax.apply_updates(state.params, updates)
+        params = jax.tree.map(lambda a, p: a.astype(p.dtype), params, state.params)
+        worker, assign = policy_fn.assign(state.assign, msg.slot)
+        count = state.count + 1
+        out = program_lib.Outbox(
+            jax.tree.map(lambda x: jnp.broadcast_to(x, (num_workers, *jnp.shape(x))), (params, count)),
+            jnp.arange(num_workers) == worker,
+        )
+        state = state._replace(
+            params=params,
+            opt_state=opt_state,
+            count=count,
+            assign=assign,
+            jobs=state.jobs.at[worker].add(1),
+            delay_sum=state.delay_sum + delay,
+            delay_max=jnp.maximum(state.delay_max, delay),
+        )
+        return state, program_lib.Emit(outbox={"job": out})
+
+    def receive_job(state, msg):
+        snapshot, assigned_at = msg.payload
+        fits = state.size < cap
+        tail = (state.head + state.size) % cap
+        queue = jax.tree.map(
+            lambda q, x: q.at[tail].set(jnp.where(fits, x.astype(q.dtype), q[tail])),
+            state.queue,
+            snapshot,
+        )
+        state = state._replace(
+            queue=queue,
+            queue_iter=state.queue_iter.at[tail].set(jnp.where(fits, assigned_at, state.queue_iter[tail])),
+            size=state.size + fits.astype(jnp.int32),
+            overflow=state.overflow + (~fits).astype(jnp.int32),
+        )
+        return state, program_lib.Emit()
+
+    def ready(state):
+        return (state.node < server) & (state.size > 0)
+
+    def evaluate(states, views):
+        del views  # no shared objects: the model is the server's
+        return jax.tree.map(lambda x: x[server], states.params)
+
+    def metrics(states):
+        count = states.count[server]
+        jobs = states.jobs[server]
+        return {
+            "staleness_mean": states.delay_sum[server].astype(jnp.float32) / jnp.maximum(count, 1),
+            "staleness_max": states.delay_max[server],
+            "jobs_min": jnp.min(jobs),
+            "jobs_max": jnp.max(jobs),
+            "queue_overflow": jnp.sum(states.overflow),
+            "server_iterations": count,
+        }
+
+    return program_lib.NodeProgram(
+        name=f"asgrad_{policy}",
+        init=init,
+        step=step,
+        params=lambda s: s.params,
+        channels={"job": job_ch, "grad": grad_ch},
+        receive={"job": receive_job, "grad": receive_grad},
+        ready=ready,
+        evaluate=evaluate,
+        metrics=metrics,
+        num_nodes=n,
+    )
+
+
+def ps_asgd(
+    *,
+    params: PyTree,
+    num_workers: int,
+    learning_rate: float | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    staleness: optax.GradientTransformationExtraArgs | None = None,
+) -> program_lib.NodeProgram:
+    r"""Parameter-server asynchronous SGD (Downpour): :func:`asgrad` with ``policy="pure"``.
+
+    The server applies each worker's stale gradient as it arrives, ``x <- x - gamma g_i(x_{t - tau})``,
+    and the worker pulls the new model. See :func:`asgrad` for the node layout and arguments.
+
+    References:
+      Dean et al., "Large scale distributed deep networks", NeurIPS 2012.
+    """
+    return asgrad(
+        params=params,
+        num_workers=num_workers,
+        policy="pure",
+        learning_rate=learning_rate,
+        optimizer=optimizer,
+        staleness=staleness,
+    )
+
+
+def delay_adaptive_asgd(
+    *,
+    params: PyTree,
+    num_workers: int,
+    learning_rate: float,
+    smoothness: float | None = None,
+    threshold: float | None = None,
+) -> program_lib.NodeProgram:
+    r"""Pure asynchronous SGD with the delay-adaptive step of Mishchenko et al. (2022).
+
+    .. math::
+        x_{t+1} = x_t - \gamma_t g_t, \qquad \gamma_t = \gamma \text{ if } \tau_t \le 2n \text{ else }
+        \min(\gamma, 1/(4 L \tau_t)) \ (\gamma\, 2n/\tau_t \text{ if } L \text{ is unknown}).
+
+    Args:
+      params: the model parameters (for message shapes).
+      num_workers: ``n``.
+      learning_rate: the base step ``gamma``.
+      smoothness: ``L`` if known.
+      threshold: the delay up to which the full step is used (default ``2n``).
+
+    Returns:
+      A node program (layout as in :func:`asgrad`).
+
+    References:
+      Mishchenko, Bach, Even and Woodworth, "Asynchronous SGD beats minibatch SGD under arbitrary
+      delays", NeurIPS 2022 (arXiv:2206.07638).
+    """
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"delay_adaptive_asgd: num_workers must be a positive int, got {num_workers!r}")
+    if learning_rate is None:
+        raise ValueError("delay_adaptive_asgd: learning_rate is required")
+    prog = asgrad(
+        params=params,
+        num_workers=num_workers,
+        policy="pure",
+        optimizer=scale_by_delay_adaptive(learning_rate, num_workers, smoothness, threshold),
+    )
+    return dataclasses.replace(prog, name="delay_adaptive_asgd")
