@@ -178,10 +178,10 @@ def least_squares(
         f = \frac1n \sum_i f_i,
 
     with ``h`` = ``heterogeneity``, ``sigma`` = ``noise``, ``sigma_s`` = ``mean_shift``. The shared shift
-    makes the Hessian ``~ I + s s^T`` (condition number about ``1 + sigma_s^2``) and the rows
-    correlated, as in R-FAST's experiments. ``h = 0`` plants the same solution everywhere (identically
-    distributed nodes: the homogeneous control); growing ``h`` spreads the node optima and the gradient
-    dissimilarity ``zeta^2`` grows like ``h^2``. The data ``A_i`` and draws ``delta_i`` do not depend on
+    gives the features a common non-zero mean, so the Hessian is ``~ I + s s^T`` (condition number about
+    ``1 + sigma_s^2``). ``h = 0`` plants the same solution everywhere (identically distributed nodes: the
+    homogeneous control); growing ``h`` spreads the node optima and the gradient dissimilarity
+    ``zeta^2`` grows roughly like ``h^2``. The data ``A_i`` and draws ``delta_i`` do not depend on
     ``h``, so a sweep over ``h`` changes only the targets. ``x*`` of ``f`` (`least_squares_optimum`) is
     passed as ``optimum=``; the initial point is ``0``.
 
