@@ -29,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -79,16 +80,21 @@ class AssignmentPolicy(NamedTuple):
     uses_finisher: bool
 
 
-def _init_fn(permute: bool):
-    def init(key, n: int) -> AssignmentState:
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"the number of workers n must be a positive int, got {n!r}.")
-        n = int(n)  # a static shape
-        key, sub = jax.random.split(key)
-        perm = jax.random.permutation(sub, n) if permute else jnp.arange(n)
-        return AssignmentState(jnp.zeros((), jnp.int32), key, perm.astype(jnp.int32))
+def _init(key, n: int, permute: bool) -> AssignmentState:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"the number of workers n must be a positive int, got {n!r}.")
+    n = int(n)  # a static shape
+    key, sub = jax.random.split(key)
+    perm = jax.random.permutation(sub, n) if permute else jnp.arange(n)
+    return AssignmentState(jnp.zeros((), jnp.int32), key, perm.astype(jnp.int32))
 
-    return init
+
+def _init_identity(key, n: int) -> AssignmentState:
+    return _init(key, n, permute=False)
+
+
+def _init_permuted(key, n: int) -> AssignmentState:
+    return _init(key, n, permute=True)
 
 
 def _advance(state: AssignmentState, perm=None, key=None) -> AssignmentState:
@@ -97,6 +103,37 @@ def _advance(state: AssignmentState, perm=None, key=None) -> AssignmentState:
         key=state.key if key is None else key,
         perm=state.perm if perm is None else perm,
     )
+
+
+# The rules are module-level functions, so two policies of the same kind compare and
+# hash equal: `draw_assignments` compiles once per (policy, n, num_jobs).
+
+
+def _assign_pure(state, finished_worker):
+    if finished_worker is None:
+        raise ValueError("pure assignment needs the finishing worker of every job.")
+    return jnp.asarray(finished_worker, jnp.int32), _advance(state)
+
+
+def _assign_random(state, finished_worker=None):
+    del finished_worker  # the draw is independent of who finished
+    key, sub = jax.random.split(state.key)
+    worker = jax.random.randint(sub, (), 0, state.perm.shape[0], dtype=jnp.int32)
+    return worker, _advance(state, key=key)
+
+
+def _assign_shuffled(state, finished_worker=None):
+    del finished_worker  # the draw is independent of who finished
+    n = state.perm.shape[0]
+    key, sub = jax.random.split(state.key)
+    fresh = jax.random.permutation(sub, n).astype(jnp.int32)
+    perm = jnp.where(state.count % n == 0, fresh, state.perm)  # new block: new permutation
+    return perm[state.count % n], _advance(state, perm=perm, key=key)
+
+
+def _assign_shuffle_once(state, finished_worker=None):
+    del finished_worker  # the draw is independent of who finished
+    return state.perm[state.count % state.perm.shape[0]], _advance(state)
 
 
 def pure_assignment() -> AssignmentPolicy:
@@ -109,13 +146,7 @@ def pure_assignment() -> AssignmentPolicy:
       >>> int(worker)
       2
     """
-
-    def assign(state, finished_worker):
-        if finished_worker is None:
-            raise ValueError("pure assignment needs the finishing worker of every job.")
-        return jnp.asarray(finished_worker, jnp.int32), _advance(state)
-
-    return AssignmentPolicy(_init_fn(False), assign, "pure", True)
+    return AssignmentPolicy(_init_identity, _assign_pure, "pure", True)
 
 
 def random_assignment() -> AssignmentPolicy:
@@ -125,14 +156,7 @@ def random_assignment() -> AssignmentPolicy:
       Koloskova, Stich and Jaggi, "Sharper convergence guarantees for
       asynchronous SGD for distributed and federated learning", NeurIPS 2022.
     """
-
-    def assign(state, finished_worker=None):
-        del finished_worker  # the draw is independent of who finished
-        key, sub = jax.random.split(state.key)
-        worker = jax.random.randint(sub, (), 0, state.perm.shape[0], dtype=jnp.int32)
-        return worker, _advance(state, key=key)
-
-    return AssignmentPolicy(_init_fn(False), assign, "random", False)
+    return AssignmentPolicy(_init_identity, _assign_random, "random", False)
 
 
 def shuffled_assignment() -> AssignmentPolicy:
@@ -141,26 +165,12 @@ def shuffled_assignment() -> AssignmentPolicy:
     A fresh random permutation is drawn at the start of every block
     (``count % n == 0``), like random reshuffling over workers.
     """
-
-    def assign(state, finished_worker=None):
-        del finished_worker  # the draw is independent of who finished
-        n = state.perm.shape[0]
-        key, sub = jax.random.split(state.key)
-        fresh = jax.random.permutation(sub, n).astype(jnp.int32)
-        perm = jnp.where(state.count % n == 0, fresh, state.perm)
-        return perm[state.count % n], _advance(state, perm=perm, key=key)
-
-    return AssignmentPolicy(_init_fn(False), assign, "shuffled", False)
+    return AssignmentPolicy(_init_identity, _assign_shuffled, "shuffled", False)
 
 
 def shuffle_once_assignment() -> AssignmentPolicy:
     """Like `shuffled_assignment`, but one permutation (drawn at ``init``) for every block."""
-
-    def assign(state, finished_worker=None):
-        del finished_worker  # the draw is independent of who finished
-        return state.perm[state.count % state.perm.shape[0]], _advance(state)
-
-    return AssignmentPolicy(_init_fn(True), assign, "shuffle_once", False)
+    return AssignmentPolicy(_init_permuted, _assign_shuffle_once, "shuffle_once", False)
 
 
 _POLICIES = {
@@ -218,13 +228,16 @@ def draw_assignments(
     else:
         xs = jnp.asarray(finished_workers, jnp.int32)
         if xs.ndim != 1 or (num_jobs is not None and xs.shape[0] != num_jobs):
-            raise ValueError(
-                f"finished_workers must have shape [num_jobs]={num_jobs}, got {xs.shape}."
-            )
+            raise ValueError(f"finished_workers must have shape [num_jobs]={num_jobs}, got {xs.shape}.")
 
+    return _draw(policy, key, n, xs)
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "n"))
+def _draw(policy: AssignmentPolicy, key, n: int, finished_workers) -> jax.Array:
     def step(state, finished):
         worker, state = policy.assign(state, finished)
         return state, worker
 
-    _, workers = jax.lax.scan(step, policy.init(key, n), xs)
+    _, workers = jax.lax.scan(step, policy.init(key, n), finished_workers)
     return workers

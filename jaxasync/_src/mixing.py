@@ -279,9 +279,11 @@ def keep_newest(buffer: PyTree, last_seq, slot, seq, payload: PyTree) -> tuple[P
     valid = (slot >= 0) & (slot < num_slots)
     k = jnp.clip(slot, 0, num_slots - 1)
     newer = valid & (seq > last_seq[k])
-    buffer = jax.tree.map(
-        lambda b, p: b.at[k].set(jnp.where(newer, jnp.asarray(p, b.dtype), b[k])), buffer, payload
-    )
+    def store(b, p):
+        b = jnp.asarray(b)
+        return b.at[k].set(jnp.where(newer, jnp.asarray(p, b.dtype), b[k]))
+
+    buffer = jax.tree.map(store, buffer, payload)
     return buffer, last_seq.at[k].set(jnp.where(newer, seq, last_seq[k]).astype(last_seq.dtype))
 
 
