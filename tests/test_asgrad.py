@@ -1,0 +1,309 @@
+"""AsGrad: server-based asynchronous SGD with pure / random / shuffled job assignment."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxasync as ja
+from jaxasync._src import program as program_lib
+from jaxasync._src.algorithms import asgrad as asgrad_lib
+
+D, W = 6, 4
+POLICIES = ("pure", "random", "shuffled", "shuffle_once")
+
+
+def _problem(num_workers=W, batch_size=None, spread=3.0, seed=0):
+    """Least squares where every worker has its own planted solution (heterogeneous data)."""
+    rng = np.random.default_rng(seed)
+    shards = []
+    for _ in range(num_workers):
+        a = rng.normal(size=(24, D)).astype(np.float32)
+        b = (a @ (spread * rng.normal(size=D))).astype(np.float32)
+        shards.append({"a": a, "b": b})
+    loss = lambda x, d: 0.5 * jnp.mean((d["a"] @ x - d["b"]) ** 2)
+    return ja.Problem(loss, jnp.zeros(D), shards, batch_size=batch_size)
+
+
+def _states(prog, params, seed=0):
+    keys = jax.random.split(jax.random.key(seed), prog.num_nodes)
+    return [prog.init(jnp.int32(i), params, keys[i]) for i in range(prog.num_nodes)]
+
+
+def _msg(slot, payload):
+    return program_lib.Message(jnp.int32(slot), jnp.int32(0), payload)
+
+
+def _grad_msg(worker, assigned_at, dim=D, dtype=jnp.float32):
+    return _msg(worker, (jnp.ones((dim,), dtype), jnp.int32(assigned_at)))
+
+
+def _leaf_specs(tree):
+    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers: jit, stable structure, no recompilation.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_handlers_jit_and_keep_state_structure(dtype):
+    params = jnp.zeros((D,), dtype)
+    prog = asgrad_lib.asgrad(params=params, num_workers=W, policy="random", learning_rate=0.1)
+    states = _states(prog, params)
+    worker, server = states[0], states[W]
+    grad_fn = jax.grad(lambda x, b: jnp.sum((x - b) ** 2))
+    traces = []
+
+    def step(s, b):
+        traces.append(1)  # counts traces, not calls
+        return prog.step(s, grad_fn, b, jax.random.key(0))
+
+    step = jax.jit(step)
+    s1, emit = step(worker, jnp.ones((D,), dtype))
+    s2, _ = step(s1._replace(size=jnp.int32(1)), jnp.ones((D,), dtype))
+    assert len(traces) == 1
+    assert _leaf_specs(s1) == _leaf_specs(worker)
+    g, a = emit.outbox["grad"].payload
+    assert g.dtype == dtype and g.shape == (1, D) and int(a[0]) == 0
+
+    job = jax.jit(prog.receive["job"])
+    w2, _ = job(s1, _msg(0, (jnp.ones((D,), dtype), jnp.int32(3))))
+    assert _leaf_specs(w2) == _leaf_specs(worker)
+    grad = jax.jit(prog.receive["grad"])
+    srv, emit = grad(server, _grad_msg(1, 0, dtype=dtype))
+    assert _leaf_specs(srv) == _leaf_specs(server)
+    assert emit.outbox["job"].payload[0].dtype == dtype
+    assert not bool(prog.ready(server)) and bool(prog.ready(worker)) and not bool(prog.ready(s1))
+
+
+def test_worker_queue_is_fifo_and_counts_overflow():
+    params = jnp.zeros((D,))
+    prog = asgrad_lib.asgrad(
+        params=params, num_workers=W, policy="random", learning_rate=0.1, queue_capacity=3
+    )
+    w = _states(prog, params)[1]
+    for a in (5, 7, 9):  # the third does not fit: the initial job still occupies a slot
+        w, _ = prog.receive["job"](w, _msg(0, (jnp.full((D,), float(a)), jnp.int32(a))))
+    assert int(w.size) == 3 and int(w.overflow) == 1
+    grad_fn = lambda x, b: x  # returns the snapshot: shows which job ran
+    order = []
+    while bool(prog.ready(w)):
+        w, emit = prog.step(w, grad_fn, None, jax.random.key(0))
+        g, a = emit.outbox["grad"].payload
+        order.append((int(a[0]), float(g[0, 0])))
+    assert order == [(0, 0.0), (5, 5.0), (7, 7.0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The server: delays, optimizer, assignment.
+
+
+def _drive_server(policy, finishers, seed=0, num_workers=W):
+    params = jnp.zeros((D,))
+    prog = asgrad_lib.asgrad(params=params, num_workers=num_workers, policy=policy, learning_rate=0.1)
+    server = _states(prog, params, seed)[num_workers]
+    receive = jax.jit(prog.receive["grad"])
+    recipients = []
+    for t, j in enumerate(finishers):
+        server, emit = receive(server, _grad_msg(j, max(t - 2, 0)))
+        ob = emit.outbox["job"]
+        assert int(jnp.sum(ob.mask)) == 1  # exactly one new job per applied gradient
+        k = int(jnp.argmax(ob.mask))
+        assert int(ob.payload[1][k]) == t + 1  # the job carries x_{t+1} and t + 1
+        np.testing.assert_allclose(ob.payload[0][k], server.params)
+        recipients.append(k)
+    return server, np.asarray(recipients)
+
+
+def test_server_applies_sgd_and_records_delays():
+    server, _ = _drive_server("pure", [0, 1, 2, 3, 0])
+    # Gradient of ones, step 0.1, five times.
+    np.testing.assert_allclose(server.params, -0.5 * np.ones(D), rtol=1e-6)
+    assert int(server.count) == 5
+    assert int(server.delay_max) == 2 and int(server.delay_sum) == 0 + 1 + 2 + 2 + 2  # a_t = max(t - 2, 0)
+    np.testing.assert_array_equal(server.jobs, [2, 1, 1, 1])
+
+
+def test_pure_gives_the_job_back_to_the_finisher():
+    finishers = np.random.default_rng(0).integers(0, W, size=20)
+    _, recipients = _drive_server("pure", finishers)
+    np.testing.assert_array_equal(recipients, finishers)
+
+
+@pytest.mark.parametrize("policy", ["shuffled", "shuffle_once"])
+def test_shuffled_gives_one_job_per_worker_per_block(policy):
+    finishers = np.zeros(5 * W, int)  # who finished must not matter
+    server, recipients = _drive_server(policy, finishers)
+    blocks = recipients.reshape(-1, W)
+    for block in blocks:
+        assert sorted(block.tolist()) == list(range(W))
+    np.testing.assert_array_equal(server.jobs, 5 * np.ones(W))
+    distinct = {tuple(b) for b in blocks.tolist()}
+    assert (len(distinct) == 1) == (policy == "shuffle_once")
+
+
+def test_random_assignment_is_deterministic_in_the_seed():
+    finishers = np.zeros(30, int)
+    _, a = _drive_server("random", finishers, seed=1)
+    _, b = _drive_server("random", finishers, seed=1)
+    _, c = _drive_server("random", finishers, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert len(set(a.tolist())) > 1
+
+
+def test_staleness_transform_gets_the_delay():
+    """A delay-aware transformation chained before the optimizer sees ``delay = t - a``."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, delay, **extra):
+        del params, extra
+        return jax.tree.map(lambda g: g / (1.0 + delay), updates), state
+
+    params = jnp.zeros((D,))
+    prog = asgrad_lib.asgrad(
+        params=params,
+        num_workers=W,
+        learning_rate=1.0,
+        staleness=optax.GradientTransformationExtraArgs(init, update),
+    )
+    server = _states(prog, params)[W]
+    server, _ = prog.receive["grad"](server, _grad_msg(0, 0))  # delay 0: full step
+    server, _ = prog.receive["grad"](server, _grad_msg(1, 0))  # delay 1: half step
+    np.testing.assert_allclose(server.params, -1.5 * np.ones(D), rtol=1e-6)
+
+
+def test_delay_adaptive_step_shrinks_for_large_delays():
+    tx = asgrad_lib.scale_by_delay_adaptive(0.1, num_workers=W)
+    g = jnp.ones((D,))
+    state = tx.init(g)
+    for delay, step in [(0, 0.1), (2 * W, 0.1), (4 * W, 0.05), (20 * W, 0.01)]:
+        u, state = tx.update(g, state, delay=delay)
+        np.testing.assert_allclose(u, -step * np.ones(D), rtol=1e-6)
+    tx = asgrad_lib.scale_by_delay_adaptive(0.1, num_workers=W, smoothness=1.0)
+    u, _ = tx.update(g, tx.init(g), delay=100)
+    np.testing.assert_allclose(u, -np.ones(D) / 400, rtol=1e-6)  # min(gamma, 1 / (4 L tau))
+    prog = asgrad_lib.delay_adaptive_asgd(params=g, num_workers=W, learning_rate=0.1)
+    server = _states(prog, g)[W]
+    server, _ = prog.receive["grad"](server, _grad_msg(0, 0))
+    server = server._replace(count=jnp.int32(4 * W))
+    server, _ = prog.receive["grad"](server, _grad_msg(0, 0))  # delay 4W: half step
+    np.testing.assert_allclose(server.params, (1 - 0.15) * np.ones(D), rtol=1e-6)  # x_0 = 1
+    assert prog.name == "delay_adaptive_asgd"
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulations.
+
+
+def test_one_worker_equals_plain_sgd():
+    """One worker, fixed compute time: the server's trajectory is the plain optax one."""
+    problem = _problem(num_workers=1)
+    lr, steps = 0.05, 30
+    prog = asgrad_lib.asgrad(params=problem.init_params, num_workers=1, learning_rate=lr)
+    trace = ja.simulate(
+        prog,
+        asgrad_lib.server_problem(problem),
+        ja.Asynchrony(compute_time=ja.fixed(1.0)),
+        steps=steps,
+        record_every=1,
+    )
+    opt = optax.sgd(lr)
+    x, s = problem.init_params, opt.init(problem.init_params)
+    update = jax.jit(lambda x, s: opt.update(problem.grad_fn(x, problem.shards[0]), s, x))
+    losses = [problem.loss(x)]
+    for _ in range(steps):
+        u, s = update(x, s)
+        x = optax.apply_updates(x, u)
+        losses.append(problem.loss(x))
+    # Record r is taken right after job r completes, before its gradient reaches the server.
+    np.testing.assert_allclose(trace["loss"][1:], np.asarray(losses[:steps]), rtol=1e-6)
+    assert trace.final("staleness_max") == 0
+
+
+@pytest.fixture(scope="module")
+def policy_traces():
+    """Heterogeneous data and speeds 1..4 (fixed compute times), full local gradients."""
+    problem = asgrad_lib.server_problem(_problem())
+    asynchrony = ja.Asynchrony(compute_time=ja.fixed([1.0, 2.0, 3.0, 4.0, 1.0]))
+    return {
+        policy: ja.simulate(
+            asgrad_lib.asgrad(params=problem.init_params, num_workers=W, policy=policy, learning_rate=0.02),
+            problem,
+            asynchrony,
+            steps=2000,
+            record_every=100,
+        )
+        for policy in POLICIES
+    }
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policies_converge(policy_traces, policy):
+    trace = policy_traces[policy]
+    # With equal job shares (not pure) the server converges near x*; pure's fast-worker bias
+    # leaves a floor, still well below the start.
+    bound = 0.5 if policy == "pure" else 0.15
+    assert trace.final("grad_norm") < bound * trace["grad_norm"][0]
+    assert trace.final("loss") < trace["loss"][0]
+    assert trace.final("queue_overflow") == 0
+    assert trace.final("server_iterations") >= 1990
+    assert 1 <= trace.final("staleness_mean") <= trace.final("staleness_max")
+    if policy == "pure":
+        # Jobs follow the speeds 1..4: the fastest worker gets ~4x the slowest's.
+        assert trace.final("jobs_max") > 3 * trace.final("jobs_min")
+    else:
+        assert trace.final("jobs_max") - trace.final("jobs_min") <= (W if policy == "random" else 1) * 50
+
+
+def test_pure_is_biased_under_heterogeneous_speeds_and_data(policy_traces):
+    """Pure ASGD over-weights fast workers' data (a floor); shuffled visits every worker equally."""
+    pure = policy_traces["pure"]["grad_norm"][-5:].mean()
+    shuffled = policy_traces["shuffled"]["grad_norm"][-5:].mean()
+    assert pure > 3 * shuffled
+
+
+def test_bfloat16_runs_and_decreases_the_loss():
+    base = _problem(batch_size=8)
+    problem = asgrad_lib.server_problem(
+        ja.Problem(base.loss_fn, jnp.zeros(D, jnp.bfloat16), base.shards, batch_size=8)
+    )
+    prog = asgrad_lib.asgrad(params=problem.init_params, num_workers=W, policy="shuffled", learning_rate=0.02)
+    trace = ja.simulate(prog, problem, steps=600, record_every=100)
+    assert np.all(np.isfinite(trace["loss"]))
+    assert trace.final("loss") < 0.5 * trace["loss"][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_input():
+    x = jnp.zeros(D)
+    with pytest.raises(ValueError, match="policy"):
+        asgrad_lib.asgrad(params=x, num_workers=W, policy="fastest", learning_rate=0.1)
+    with pytest.raises(ValueError, match="num_workers"):
+        asgrad_lib.asgrad(params=x, num_workers=0, learning_rate=0.1)
+    with pytest.raises(TypeError, match="num_workers"):
+        asgrad_lib.asgrad(params=x, num_workers=2.0, learning_rate=0.1)
+    with pytest.raises(ValueError, match="exactly one"):
+        asgrad_lib.asgrad(params=x, num_workers=W)
+    with pytest.raises(ValueError, match="exactly one"):
+        asgrad_lib.asgrad(params=x, num_workers=W, learning_rate=0.1, optimizer=optax.sgd(0.1))
+    with pytest.raises(TypeError, match="optimizer"):
+        asgrad_lib.asgrad(params=x, num_workers=W, optimizer=0.1)
+    with pytest.raises(ValueError, match="queue_capacity"):
+        asgrad_lib.asgrad(params=x, num_workers=W, learning_rate=0.1, queue_capacity=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        asgrad_lib.delay_adaptive_asgd(params=x, num_workers=0, learning_rate=0.1)
+    with pytest.raises(TypeError, match="Problem"):
+        asgrad_lib.server_problem([1, 2])
+    # Forgetting the server's node is caught by the executor.
+    prog = asgrad_lib.asgrad(params=x, num_workers=W, learning_rate=0.1)
+    with pytest.raises(ValueError, match="5 nodes"):
+        ja.simulate(prog, _problem(), steps=10)
