@@ -258,7 +258,9 @@ def test_policies_converge(policy_traces, policy):
         # Jobs follow the speeds 1..4: the fastest worker gets ~4x the slowest's.
         assert trace.final("jobs_max") > 3 * trace.final("jobs_min")
     else:
-        assert trace.final("jobs_max") - trace.final("jobs_min") <= (W if policy == "random" else 1) * 50
+        # Shuffling balances jobs exactly (one per block); random within a few standard deviations.
+        spread = 100 if policy == "random" else 1
+        assert trace.final("jobs_max") - trace.final("jobs_min") <= spread
 
 
 def test_pure_is_biased_under_heterogeneous_speeds_and_data(policy_traces):
