@@ -98,7 +98,8 @@ class Problem:
             ),
             *self.shards,
         )
-        if batch_size is None and not np.all(self.sizes == longest):
+        self._equal = bool(np.all(self.sizes == longest))
+        if batch_size is None and not self._equal:
             # A traced node id must give one batch shape: full local gradients need equal shards.
             raise ValueError(
                 f"batch_size=None (full local gradients) needs equal shard sizes, got "
@@ -125,6 +126,8 @@ class Problem:
 
     def loss(self, params: PyTree) -> jax.Array:
         """``f(params) = (1/n) sum_i f_i(params)``."""
+        if self._equal:  # one vectorized loss instead of n unrolled ones (much faster to compile)
+            return jnp.mean(jax.vmap(self.loss_fn, in_axes=(None, 0))(params, self._stacked))
         return sum(self.loss_fn(params, s) for s in self.shards) / self.num_nodes
 
     def grad_norm(self, params: PyTree) -> jax.Array:

@@ -513,7 +513,7 @@ def run(
     carry = _init_carry(static, params, seed, log_size)
 
     def chunk(carry, r):
-        target = (r + 1) * record_every
+        target = r * record_every  # r = 0 records the initial state
         start = carry.counters.events
 
         def cond(carry):
@@ -532,10 +532,7 @@ def run(
         carry = jax.lax.while_loop(cond, body, carry)
         return carry, _metrics(static, carry, params)
 
-    first = _metrics(static, carry, params)
-    carry, records = jax.lax.scan(chunk, carry, jnp.arange(num_records))
-    records = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, records)
-    return carry, records
+    return jax.lax.scan(chunk, carry, jnp.arange(num_records + 1))
 
 
 def make_static(program: program_lib.NodeProgram, problem, asynchrony, pool_size: int | None) -> _Static:
