@@ -1,0 +1,590 @@
+"""The worker process of the local runtime: one node program driven by real time and real messages.
+
+A worker runs the handlers of one node exactly like the simulator does for that node
+(:mod:`jaxasync._src.simulator`): a **step** event is ``step -> apply ops -> observe -> send``; a
+**delivery** is ``receive -> apply ops -> send``; ``ready(state)`` gates steps. What differs is who
+decides the order: in *free* mode the wall clock and the operating system (the interleaving is real,
+the keys are ``fold_in(fold_in(key(seed), node), local_step)``); in *replay* mode a recorded event log
+(each worker waits for its turn on a shared counter and derives keys with
+:func:`~jaxasync._src.simulator.event_keys`).
+
+The parent creates every shared segment; the worker attaches by name (:class:`Shared`) and never
+unlinks. Everything a worker reports goes through shared memory: counters in one ``AtomicArray`` row,
+its full state (raw bytes) in a ``Register`` when the parent asks for a report, and a formatted
+traceback through a pipe if it fails.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+# Control cells (one AtomicArray shared by everybody).
+STOP, CLAIMED, LIMIT, REQUEST, VERSION, TURN, START, _RESERVED = range(8)
+ALIVE0 = 8  # ALIVE0 + node: 1 while the node is alive (the parent clears it when it dies)
+
+# Per-node counter rows (one AtomicArray of n * NCOUNT cells).
+(
+    C_STEPS,
+    C_SENT,
+    C_LOST,
+    C_DELIVERED,
+    C_DROPPED,
+    C_BYTES,
+    C_STALE_SUM,
+    C_STALE_MAX,
+    C_UPDATES,
+    C_BUSY,
+    C_STATUS,
+    C_REPORTED,
+    C_RETRIES,
+) = range(13)
+NCOUNT = 16
+STATUS_READY, STATUS_RUNNING, STATUS_DONE = 1, 2, 3
+
+# Idle back-off: sleep this long (doubling up to the max) when a loop iteration did nothing.
+_IDLE_MIN, _IDLE_MAX = 20e-6, 1e-3
+
+
+def thread_env(parent_platform: str | None) -> dict:
+    """Environment for a child: one XLA / BLAS thread (set before the child imports jax)."""
+    env = {
+        "XLA_FLAGS": (
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip(),
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+    }
+    if parent_platform == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def lift_jit(fn, *example_args):
+    """``jax.jit(fn)`` with the arrays ``fn`` closes over (data shards, tables) passed as arguments.
+
+    A jitted closure embeds its captured arrays in the compiled program as constants, which makes
+    compilation slow and memory-hungry for data sets; here they are traced once with
+    ``jax.make_jaxpr`` and handed to the compiled function as ordinary inputs.
+    """
+    import jax
+
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example_args)
+    out_tree = jax.tree.structure(out_shape)
+    consts = [jax.numpy.asarray(c) for c in closed.consts]
+    jaxpr = closed.jaxpr
+
+    @jax.jit
+    def lifted(consts, *args):
+        out = jax.core.eval_jaxpr(jaxpr, consts, *jax.tree.leaves(args))
+        return jax.tree.unflatten(out_tree, out)
+
+    def call(*args):
+        return lifted(consts, *args)
+
+    return call
+
+
+class Shared:
+    """Handles of the shared objects of one run (attached in workers, created in the parent).
+
+    Attributes:
+      ctrl: ``AtomicArray`` of control cells.
+      counters: ``AtomicArray`` of ``n * NCOUNT`` per-node counters.
+      reports: per node, a ``uint8`` ``Register`` holding the node's state as raw bytes.
+      buffers: ``{name: ParamBuffer}`` for each :class:`~jaxasync._src.program.Buffer`.
+      registers: ``{name: [[Register] * slots] * n]}`` for each ``Registers`` object (``uint8``).
+      transport: the message transport (see :mod:`.transport`).
+    """
+
+    def __init__(self, ctrl, counters, reports, buffers, registers, transport):
+        self.ctrl, self.counters, self.reports = ctrl, counters, reports
+        self.buffers, self.registers, self.transport = buffers, registers, transport
+
+    def names(self) -> list:
+        out = [self.ctrl.name, self.counters.name] + [r.name for r in self.reports]
+        out += [b.name for b in self.buffers.values()]
+        out += [r.name for rows in self.registers.values() for row in rows for r in row]
+        out += self.transport.names
+        return out
+
+    def close(self) -> None:
+        """Closes (and, in the creating process, unlinks) every segment; idempotent."""
+        for obj in [self.ctrl, self.counters, *self.reports, *self.buffers.values()]:
+            obj.__exit__(None, None, None)
+        for rows in self.registers.values():
+            for row in rows:
+                for r in row:
+                    r.__exit__(None, None, None)
+        self.transport.close()
+
+
+def main(payload: bytes, conn) -> None:
+    """Entry point of a worker process (``payload`` is the cloudpickled job description)."""
+    import signal
+
+    # The parent handles Ctrl-C and stops us through shared memory (we were started with SIGINT
+    # ignored; keep it that way once jax is imported).
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # pragma: no cover - not the main thread
+        pass
+    worker = None
+    try:
+        import cloudpickle
+
+        job = cloudpickle.loads(payload)
+        worker = Worker(**job)
+        worker.run()
+        code = 0
+    except BaseException:  # noqa: BLE001 - everything goes to the parent
+        code = 1
+        try:
+            conn.send(traceback.format_exc())
+        except Exception:  # pragma: no cover - parent gone
+            pass
+    finally:
+        if worker is not None:
+            worker.close()
+        try:
+            conn.close()
+        except Exception:  # pragma: no cover
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Worker:
+    """One node of a run (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        program,
+        problem,
+        node: int,
+        n: int,
+        seed: int,
+        shared: Shared,
+        buffer_mode: str,
+        straggler: float = 1.0,
+        loss: float = 0.0,
+        events=None,
+    ):
+        import jax
+        import jax.numpy as jnp
+
+        from jaxasync._src import program as program_lib
+        from jaxasync._src import simulator as simulator_lib
+        from jaxasync._src.runtime import transport as transport_lib
+
+        self.jax, self.jnp, self.P = jax, jnp, program_lib
+        self.program, self.problem = program, problem
+        self.node, self.n, self.seed = node, n, seed
+        self.shared = shared
+        self.ctrl, self.counters = shared.ctrl, shared.counters
+        self.row = node * NCOUNT
+        self.buffer_mode = buffer_mode
+        self.straggler = float(straggler)
+        self.loss = float(loss)
+        self.rng = np.random.default_rng([seed, node, 0x6A61])
+        self.events = events
+        self.endpoint = shared.transport.endpoint(node)
+        self.channel_names = tuple(sorted(program.channels))
+        self.out_tables = [
+            np.asarray(program.channels[c].graph.out_table, np.int64).reshape(n, -1)
+            for c in self.channel_names
+        ]
+        self.codecs = [transport_lib.Codec(program.channels[c].payload) for c in self.channel_names]
+        self.seq = [0] * len(self.channel_names)
+        self.pending = collections.deque()  # messages drained while blocked on a full mailbox
+        self.stash = {}  # replay: (channel, src, seq) -> payload
+        self.stats = dict.fromkeys(
+            ["steps", "sent", "lost", "delivered", "dropped", "bytes", "stale_sum", "stale_max", "updates"],
+            0,
+        )
+        self.read_version = 0
+        self.reported = -1
+        self.local_steps = 0
+
+        # Shared-object layout (as the simulator unravels them).
+        self.buffer_names = [k for k, s in program.shared.items() if isinstance(s, program_lib.Buffer)]
+        self.register_names = [k for k, s in program.shared.items() if isinstance(s, program_lib.Registers)]
+        self.register_codecs = {
+            k: transport_lib.Codec(program.shared[k].template) for k in self.register_names
+        }
+        self.visible = {}
+        for k in self.register_names:
+            vis = program.shared[k].visible
+            self.visible[k] = (
+                np.ones(n, bool) if vis is None else np.asarray(vis, bool).reshape(n, n)[node]
+            )
+        self.unravels = {}
+        for k in self.buffer_names:
+            spec = program.shared[k]
+            template = problem.init_params if spec.template is None else spec.template
+            self.unravels[k] = jax.flatten_util.ravel_pytree(template)[1]
+        self.buffer_sizes = {k: shared.buffers[k].size for k in self.buffer_names}
+        # Programs without shared objects and without their own observe skip the observe call.
+        self.needs_observe = bool(program.shared) or program.observe is not program_lib._no_observe
+
+        self._build(simulator_lib)
+
+    # ------------------------------------------------------------------ compiled handlers
+
+    def _build(self, simulator_lib) -> None:
+        jax, jnp, P = self.jax, self.jnp, self.P
+        program, problem, node = self.program, self.problem, self.node
+        seed, replay = self.seed, self.events is not None
+        node32 = jnp.int32(node)
+
+        def flat_ops(emit):
+            emit = P.Emit() if emit is None else emit
+            ops = {}
+            for name, op in dict(emit.ops).items():
+                if isinstance(op, P.BufferAdd):
+                    flat = jax.flatten_util.ravel_pytree(op.delta)[0].astype(jnp.float32)
+                    op = P.BufferAdd(flat)
+                elif isinstance(op, P.BufferAddSparse):
+                    op = P.BufferAddSparse(
+                        jnp.asarray(op.indices).astype(jnp.int32).reshape(-1),
+                        jnp.asarray(op.values).astype(jnp.float32).reshape(-1),
+                    )
+                ops[name] = op
+            outbox = {k: v for k, v in dict(emit.outbox).items()}
+            return outbox, ops
+
+        def step_fn(state, counter):
+            if replay:
+                k_batch, k_handler, _, _ = simulator_lib.event_keys(seed, counter)
+            else:
+                k = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), node32), counter)
+                k_batch, k_handler = jax.random.split(k)
+            batch = problem.sample(k_batch, node32)
+            state, emit = program.step(state, problem.grad_fn, batch, k_handler)
+            outbox, ops = flat_ops(emit)
+            return state, outbox, ops, program.ready(state)
+
+        def observe_fn(state, buffers, registers):
+            views = {}
+            for k in self.buffer_names:
+                views[k] = self.unravels[k](buffers[k])
+            for k in self.register_names:
+                views[k] = registers[k]
+            state = program.observe(state, views)
+            return state, program.ready(state)
+
+        def make_receive(cname):
+            def receive_fn(state, slot, seq, payload):
+                msg = P.Message(slot, seq, payload)
+                state, emit = program.receive[cname](state, msg)
+                outbox, ops = flat_ops(emit)
+                return state, outbox, ops, program.ready(state)
+
+            return receive_fn
+
+        def init_fn(key):
+            return program.init(node32, problem.init_params, key)
+
+        node_keys, _ = simulator_lib.init_keys(seed, self.n)
+        state = jax.jit(init_fn)(node_keys[node])
+        self.state = state
+        i32 = jnp.int32(0)
+        self.step_fn = lift_jit(step_fn, state, i32)
+        buffers0, registers0 = self._read_views()
+        self.observe_fn = lift_jit(observe_fn, state, buffers0, registers0)
+        self.receive_fns = []
+        for ci, cname in enumerate(self.channel_names):
+            payload0 = self.codecs[ci].decode(np.zeros(self.codecs[ci].size, np.uint8))
+            self.receive_fns.append(lift_jit(make_receive(cname), state, i32, i32, payload0))
+        # Warm up (compile) every handler on the initial state; results are discarded (pure).
+        jax.block_until_ready(self.step_fn(state, i32))
+        for ci, fn in enumerate(self.receive_fns):
+            payload0 = self.codecs[ci].decode(np.zeros(self.codecs[ci].size, np.uint8))
+            jax.block_until_ready(fn(state, i32, i32, payload0))
+        # The initial observe is real: the simulator observes once after init.
+        self.read_version = self.ctrl.load(VERSION)
+        state, ready = self.observe_fn(state, buffers0, registers0)
+        self.state, self.ready = state, bool(ready)
+        leaves = jax.tree.leaves(state)
+        self.state_codec_size = sum(int(np.asarray(x).nbytes) for x in leaves)
+
+    # ------------------------------------------------------------------ shared objects
+
+    def _read_views(self):
+        buffers = {}
+        for k in self.buffer_names:
+            out = np.empty(self.buffer_sizes[k], np.float32)  # fresh: jax may alias it
+            buffers[k] = self.shared.buffers[k].read(out)
+        registers = {}
+        for k in self.register_names:
+            regs = self.shared.registers[k]
+            slots = len(regs[0])
+            codec = self.register_codecs[k]
+            raw = np.zeros((self.n, slots, codec.size), np.uint8)
+            tags = np.full((self.n, slots), -1, np.int32)
+            for owner in range(self.n):
+                if not self.visible[k][owner]:
+                    continue
+                for s in range(slots):
+                    tag, _ = regs[owner][s].read(raw[owner, s])
+                    tags[owner, s] = tag
+            registers[k] = self.P.RegistersView(tags, codec.decode(raw, (self.n, slots)))
+        return buffers, registers
+
+    def _apply_ops(self, ops: dict, count_staleness: bool) -> None:
+        P = self.P
+        for name in self.program.shared:
+            op = ops.get(name)
+            if op is None:
+                continue
+            if isinstance(op, P.BufferAdd):
+                self.shared.buffers[name].add(np.asarray(op.delta), mode=self.buffer_mode)
+            elif isinstance(op, P.BufferAddSparse):
+                self.shared.buffers[name].add_sparse(
+                    np.asarray(op.indices), np.asarray(op.values), mode=self.buffer_mode
+                )
+            elif isinstance(op, P.RegisterWrite):
+                if bool(op.mask):
+                    regs = self.shared.registers[name][self.node]
+                    slot = int(op.slot)
+                    codec = self.register_codecs[name]
+                    value = codec.encode(self.jax.tree.leaves(op.value))
+                    regs[slot].write(value, int(op.tag))
+                continue
+            else:
+                raise TypeError(
+                    f"{self.program.name}: unsupported operation {type(op).__name__} on {name!r}"
+                )
+            v = self.ctrl.fetch_add(VERSION, 1)
+            if count_staleness:
+                stale = v - self.read_version
+                st = self.stats
+                st["stale_sum"] += stale
+                st["stale_max"] = max(st["stale_max"], stale)
+                st["updates"] += 1
+
+    # ------------------------------------------------------------------ messages
+
+    def _drain(self) -> None:
+        for msg in self.endpoint.poll():
+            self.pending.append(msg)
+
+    def _alive(self, node: int) -> bool:
+        return self.ctrl.load(ALIVE0 + node) == 1
+
+    def _send(self, outbox: dict) -> None:
+        for ci, cname in enumerate(self.channel_names):
+            ob = outbox.get(cname)
+            if ob is None:
+                continue
+            mask = np.asarray(ob.mask)
+            table = self.out_tables[ci][self.node]
+            want = mask[: table.shape[0]] & (table >= 0)
+            if not want.any():
+                continue
+            seq = self.seq[ci]
+            self.seq[ci] += 1
+            codec = self.codecs[ci]
+            leaves = [np.asarray(x) for x in self.jax.tree.leaves(ob.payload)]
+            for j in np.nonzero(want)[0]:
+                dst = int(table[j])
+                self.stats["sent"] += 1
+                self.stats["bytes"] += codec.nbytes
+                if self.loss and self.events is None and self.rng.random() < self.loss:
+                    self.stats["lost"] += 1
+                    continue
+                buf = codec.encode(leaves, int(j))
+                self._send_one(ci, dst, seq, buf)
+
+    def _send_one(self, ci: int, dst: int, seq: int, buf: np.ndarray) -> None:
+        """Sends reliably: while the mailbox is full, drain our own inbox (no deadlock) and retry;
+        give up (count ``dropped``) if the receiver died or the run is stopping."""
+        wait = _IDLE_MIN
+        while not self.endpoint.send(ci, dst, seq, buf):
+            if not self._alive(dst) or self.ctrl.load(STOP):
+                self.stats["dropped"] += 1
+                return
+            self._drain()
+            time.sleep(wait)
+            wait = min(2 * wait, _IDLE_MAX)
+
+    # ------------------------------------------------------------------ events
+
+    def _after_ops_and_state(self, state, outbox, ops, step: bool):
+        jax = self.jax
+        outbox, ops = jax.device_get((outbox, ops))
+        self._apply_ops(ops, count_staleness=step)
+        if step and self.needs_observe:
+            buffers, registers = self._read_views()
+            self.read_version = self.ctrl.load(VERSION)
+            state, ready = self.observe_fn(state, buffers, registers)
+            self.ready = bool(ready)
+        self.state = state
+        self._send(outbox)
+
+    def do_step(self, counter: int) -> None:
+        state, outbox, ops, ready = self.step_fn(self.state, np.int32(counter))
+        self.ready = bool(ready)
+        self._after_ops_and_state(state, outbox, ops, step=True)
+        self.local_steps += 1
+        self.stats["steps"] += 1
+
+    def do_receive(self, msg) -> None:
+        ci = msg.channel
+        payload = self.codecs[ci].decode(msg.payload)
+        state, outbox, ops, ready = self.receive_fns[ci](
+            self.state, np.int32(msg.slot), np.int32(msg.seq), payload
+        )
+        self.ready = bool(ready)
+        self._after_ops_and_state(state, outbox, ops, step=False)
+        self.stats["delivered"] += 1
+
+    # ------------------------------------------------------------------ reporting
+
+    def publish_counters(self) -> None:
+        c, r, st = self.counters, self.row, self.stats
+        c.store(r + C_STEPS, st["steps"])
+        c.store(r + C_SENT, st["sent"])
+        c.store(r + C_LOST, st["lost"])
+        c.store(r + C_DELIVERED, st["delivered"])
+        c.store(r + C_DROPPED, st["dropped"])
+        c.store(r + C_BYTES, st["bytes"])
+        c.store(r + C_STALE_SUM, st["stale_sum"])
+        c.store(r + C_STALE_MAX, st["stale_max"])
+        c.store(r + C_UPDATES, st["updates"])
+
+    def maybe_report(self, force: bool = False) -> None:
+        """Publishes the state (raw bytes, tag = request number) if the parent asked for it."""
+        want = self.ctrl.load(REQUEST)
+        if want <= self.reported and not force:
+            return
+        leaves = self.jax.device_get(self.jax.tree.leaves(self.state))
+        buf = np.empty(max(self.state_codec_size, 1), np.uint8)
+        off = 0
+        for x in leaves:
+            b = np.ascontiguousarray(x).view(np.uint8).reshape(-1)
+            buf[off : off + b.size] = b
+            off += b.size
+        self.publish_counters()
+        self.shared.reports[self.node].write(buf, want)
+        self.reported = want
+        self.counters.store(self.row + C_REPORTED, want)
+
+    # ------------------------------------------------------------------ loops
+
+    def run(self) -> None:
+        self.counters.store(self.row + C_STATUS, STATUS_READY)
+        self.maybe_report(force=True)
+        while not self.ctrl.load(START):  # the parent starts everybody at once
+            if self.ctrl.load(STOP):
+                return
+            time.sleep(1e-3)
+        self.counters.store(self.row + C_STATUS, STATUS_RUNNING)
+        if self.events is None:
+            self._free()
+        else:
+            self._replay()
+        self.publish_counters()
+        self.counters.store(self.row + C_STATUS, STATUS_DONE)
+        self.maybe_report()
+
+    def _free(self) -> None:
+        ctrl, row, counters = self.ctrl, self.row, self.counters
+        limit = ctrl.load(LIMIT)
+        busy_until = 0.0
+        stepping = True
+        idle = _IDLE_MIN
+        while True:
+            did = False
+            self._drain()
+            while self.pending:
+                self.do_receive(self.pending.popleft())
+                did = True
+                self._drain_if_long()
+            self.maybe_report()
+            if ctrl.load(STOP):
+                return
+            now = time.perf_counter()
+            if stepping and self.ready and now >= busy_until:
+                counters.store(row + C_BUSY, 1)
+                claim = ctrl.fetch_add(CLAIMED, 1)
+                if limit >= 0 and claim >= limit:
+                    counters.store(row + C_BUSY, 0)
+                    stepping = False
+                else:
+                    t0 = time.perf_counter()
+                    self.do_step(self.local_steps)
+                    t1 = time.perf_counter()
+                    counters.store(row + C_BUSY, 0)
+                    busy_until = t1 + (self.straggler - 1.0) * (t1 - t0)
+                    did = True
+            if did:
+                self.publish_counters()
+                idle = _IDLE_MIN
+            else:
+                time.sleep(idle)
+                idle = min(2 * idle, _IDLE_MAX)
+
+    def _drain_if_long(self) -> None:
+        if len(self.pending) < 4:
+            self._drain()
+
+    def _replay(self) -> None:
+        ev = self.events
+        mine = np.nonzero(ev.node == self.node)[0]
+        for e in mine:
+            idle = _IDLE_MIN
+            while self.ctrl.load(TURN) != e:
+                self._stash_incoming()
+                self.maybe_report()
+                if self.ctrl.load(STOP):
+                    return
+                time.sleep(idle)
+                idle = min(2 * idle, 2e-4)
+            kind = int(ev.kind[e])
+            if bool(ev.live[e]) and kind >= 0:
+                if kind == 0:
+                    self.do_step(int(ev.event[e]))
+                else:
+                    key = (kind - 1, int(ev.src[e]), int(ev.seq[e]))
+                    idle = _IDLE_MIN
+                    while key not in self.stash:
+                        self._stash_incoming()
+                        if key in self.stash:
+                            break
+                        if self.ctrl.load(STOP):
+                            return
+                        time.sleep(idle)
+                        idle = min(2 * idle, 2e-4)
+                    self.do_receive(self.stash.pop(key))
+            self.publish_counters()
+            self.ctrl.store(TURN, int(e) + 1)
+        # Our part is done; keep answering report requests until the parent stops the run.
+        while not self.ctrl.load(STOP):
+            self._stash_incoming()
+            self.maybe_report()
+            time.sleep(1e-3)
+
+    def _stash_incoming(self) -> None:
+        self._drain()
+        while self.pending:
+            m = self.pending.popleft()
+            self.stash[(m.channel, m.src, m.seq)] = m
+
+    def close(self) -> None:
+        for obj in (self.endpoint, self.shared):
+            try:
+                obj.close()
+            except Exception:  # pragma: no cover
+                pass
