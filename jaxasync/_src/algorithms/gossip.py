@@ -6,10 +6,8 @@ contract) and takes the local step as an Optax optimizer or a learning rate (exa
 ``learning_rate=lr`` means ``optax.sgd(lr)``. The optimizer always receives the gradient (or, for
 all-reduce, the average gradient) of the node and its update is added to the model.
 
-Messages carry model-shaped payloads, so a channel needs the shapes of the parameters. Pass them as
-``params`` (the initial parameters, or a pytree of ``jax.ShapeDtypeStruct``). Without it the channel's
-payload is a function ``params -> payload template`` that the executor must resolve with the problem's
-initial parameters.
+Messages carry model-shaped payloads, so every factory takes ``params``: the model's parameters (the
+initial ones, or a pytree of ``jax.ShapeDtypeStruct``), which fix the messages' shapes and dtypes.
 
 =================  ==================  ===========================================================
 algorithm          waits?              what travels
@@ -65,7 +63,7 @@ def _local_optimizer(
     if (optimizer is None) == (learning_rate is None):
         raise ValueError(f"{name}: pass exactly one of optimizer= and learning_rate=")
     if optimizer is not None:
-        if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        if not isinstance(optimizer, optax.GradientTransformation | optax.GradientTransformationExtraArgs):
             raise TypeError(
                 f"{name}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
             )
@@ -83,23 +81,16 @@ def _check_learning_rate(name: str, learning_rate) -> None:
 
 def _check_graph(name: str, graph, what: str = "graph") -> topology_lib.Graph:
     if not isinstance(graph, topology_lib.Graph):
-        raise TypeError(
-            f"{name}: {what} must be a jaxasync.topology.Graph, got {type(graph).__name__}"
-        )
+        raise TypeError(f"{name}: {what} must be a jaxasync.topology.Graph, got {type(graph).__name__}")
     return graph
 
 
-def _template(params: PyTree) -> PyTree:
-    """Shapes and dtypes of a params pytree (arrays or ShapeDtypeStructs)."""
+def _template(name: str, params: PyTree) -> PyTree:
+    """Shapes and dtypes of the model's parameters (arrays or ShapeDtypeStructs)."""
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError(f"{name}: params has no arrays")
     return jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), params)
-
-
-def _channel(graph: topology_lib.Graph, payload_fn, params: PyTree | None) -> program_lib.Channel:
-    """A channel whose payload is derived from the model's shapes (lazily if they are unknown)."""
-    if params is None:
-        # Resolved by the executor with the problem's initial parameters.
-        return program_lib.Channel(graph, lambda p: payload_fn(_template(p)))
-    return program_lib.Channel(graph, payload_fn(_template(params)))
 
 
 def _outbox(payload: PyTree, mask: jax.Array) -> program_lib.Outbox:
@@ -157,10 +148,10 @@ class AllReduceSGDState(NamedTuple):
 
 def allreduce_sgd(
     *,
+    params: PyTree,
     num_nodes: int,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
-    params: PyTree | None = None,
 ) -> program_lib.NodeProgram:
     r"""Synchronous data-parallel SGD with an all-reduce of the gradients every round.
 
@@ -175,10 +166,10 @@ def allreduce_sgd(
     by round parity, suffice. With one node this is exactly ``optimizer`` on the node's gradients.
 
     Args:
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       num_nodes: ``n``.
       learning_rate: SGD step size (``optax.sgd``); or
       optimizer: any Optax transformation applied to the averaged gradient.
-      params: the model's parameters (or ShapeDtypeStructs), giving the message shapes.
 
     Returns:
       A :class:`NodeProgram` named ``"allreduce_sgd"`` with one channel ``"grads"``.
@@ -201,7 +192,7 @@ def allreduce_sgd(
     opt = _local_optimizer(name, optimizer, learning_rate)
     n = int(num_nodes)
     graph = topology_lib.complete(n)
-    channel = _channel(graph, lambda t: t, params)
+    channel = program_lib.Channel(graph, _template(name, params))
     in_table = jnp.asarray(graph.in_table).reshape(n, -1)
 
     def init(node, params, key):
@@ -218,9 +209,7 @@ def allreduce_sgd(
 
     def store(state, sender, k, grad):
         parity = k % 2
-        grads = jax.tree.map(
-            lambda b, g: b.at[sender, parity].set(g.astype(b.dtype)), state.grads, grad
-        )
+        grads = jax.tree.map(lambda b, g: b.at[sender, parity].set(g.astype(b.dtype)), state.grads, grad)
         return state._replace(grads=grads, grad_round=state.grad_round.at[sender, parity].set(k))
 
     def try_advance(state):
@@ -293,10 +282,10 @@ class DPSGDState(NamedTuple):
 def dpsgd(
     graph: topology_lib.Graph,
     *,
+    params: PyTree,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
     weights=None,
-    params: PyTree | None = None,
 ) -> program_lib.NodeProgram:
     r"""Decentralized parallel SGD (synchronous gossip with a gradient step).
 
@@ -311,13 +300,13 @@ def dpsgd(
     undirected graphs (the default Metropolis weights require one).
 
     Args:
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       graph: the communication graph (edge ``j -> i``: ``i`` mixes ``x_j``).
       learning_rate: SGD step size ``eta``; or
       optimizer: any Optax transformation of the local gradient.
       weights: ``[n, n]`` row-stochastic ``W[receiver, sender]`` supported on the graph (doubly
         stochastic keeps the network average); default `metropolis_weights` (needs an undirected
         graph).
-      params: the model's parameters (or ShapeDtypeStructs), giving the message shapes.
 
     Returns:
       A :class:`NodeProgram` named ``"dpsgd"`` with one channel ``"x"``.
@@ -342,7 +331,7 @@ def dpsgd(
     self_w, nbr_w = (jnp.asarray(a, jnp.float32) for a in topology_lib.in_weight_table(graph, w))
     n, m_in = graph.n, graph.max_in_degree
     in_mask = jnp.asarray(graph.in_mask).reshape(n, -1)
-    channel = _channel(graph, lambda t: t, params)
+    channel = program_lib.Channel(graph, _template(name, params))
 
     def init(node, params, key):
         del key  # deterministic
@@ -423,9 +412,9 @@ class ADPSGDState(NamedTuple):
 def adpsgd(
     graph: topology_lib.Graph,
     *,
+    params: PyTree,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
-    params: PyTree | None = None,
 ) -> program_lib.NodeProgram:
     r"""Asynchronous decentralized parallel SGD: pairwise gossip averaging plus local steps.
 
@@ -447,10 +436,10 @@ def adpsgd(
     of the exchange only.
 
     Args:
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       graph: an undirected communication graph (the reply travels back along the edge).
       learning_rate: SGD step size ``eta``; or
       optimizer: any Optax transformation of the local gradient.
-      params: the model's parameters (or ShapeDtypeStructs), giving the message shapes.
 
     Returns:
       A :class:`NodeProgram` named ``"adpsgd"`` with channels ``"avg"`` and ``"reply"``.
@@ -479,7 +468,8 @@ def adpsgd(
         for k, i in enumerate(graph.in_neighbors(j)):
             reply_slot[j, k] = int(np.flatnonzero(graph.out_table[j] == i)[0])
     reply_slot = jnp.asarray(reply_slot)
-    channels = {"avg": _channel(graph, lambda t: t, params), "reply": _channel(graph, lambda t: t, params)}
+    template = _template(name, params)
+    channels = {"avg": program_lib.Channel(graph, template), "reply": program_lib.Channel(graph, template)}
 
     def init(node, params, key):
         del key  # deterministic
@@ -553,10 +543,10 @@ def sgp_total_weight(stacked_states: SGPState) -> jax.Array:
 def sgp(
     graph: topology_lib.Graph,
     *,
+    params: PyTree,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
     one_peer: bool = True,
-    params: PyTree | None = None,
 ) -> program_lib.NodeProgram:
     r"""Stochastic gradient push: push-sum gossip on a directed graph plus local steps.
 
@@ -576,11 +566,11 @@ def sgp(
     (`topology.push_weights`). A lost message loses its share of the weight and of the model mass.
 
     Args:
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       graph: the push graph (edge ``i -> j``: ``i`` sends mass to ``j``).
       learning_rate: SGD step size ``eta``; or
       optimizer: any Optax transformation of the local gradient.
       one_peer: one round-robin peer per step (True) or all out-neighbours (False).
-      params: the model's parameters (or ShapeDtypeStructs), giving the message shapes.
 
     Returns:
       A :class:`NodeProgram` named ``"sgp"`` with one channel ``"push"``.
@@ -606,16 +596,12 @@ def sgp(
     )
     out_degree = jnp.asarray(graph.out_degree, jnp.int32)
 
-    def payload_fn(template):
-        return mixing_lib.PushSumState(template, jax.ShapeDtypeStruct((), jnp.float32))
-
-    channel = _channel(graph, payload_fn, params)
+    payload = mixing_lib.PushSumState(_template(name, params), jax.ShapeDtypeStruct((), jnp.float32))
+    channel = program_lib.Channel(graph, payload)
 
     def init(node, params, key):
         del key  # deterministic
-        return SGPState(
-            jnp.asarray(node, jnp.int32), jnp.int32(0), params, jnp.float32(1), opt.init(params)
-        )
+        return SGPState(jnp.asarray(node, jnp.int32), jnp.int32(0), params, jnp.float32(1), opt.init(params))
 
     def shares(state):
         """The kept share and the per-out-slot shares of this step."""

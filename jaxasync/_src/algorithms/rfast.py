@@ -1,5 +1,5 @@
 # Copyright 2025 The jaxasync Authors. Licensed under the Apache License 2.0.
-"""R-FAST: robust fully-asynchronous stochastic gradient tracking over two graphs.
+r"""R-FAST: robust fully-asynchronous stochastic gradient tracking over two graphs.
 
 Node ``i`` pulls decision variables over a row-stochastic graph ``G_R`` and pushes gradient-tracker
 mass over a column-stochastic graph ``G_C``. Tracker mass travels as cumulative *running sums*
@@ -82,6 +82,7 @@ def rfast_conservation_error(stacked_states: RFastState, *, robust: bool = True,
     packets; default 0); then ``r`` is minus the mass lost by the network.
 
     Args:
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       stacked_states: `RFastState` with a leading node axis on every leaf.
       robust: which variant produced the states.
       in_flight: non-robust only: pytree like one tracker, the sum of the increments in flight.
@@ -114,11 +115,11 @@ def rfast(
     pull: topology_lib.Graph,
     push: topology_lib.Graph,
     *,
+    params: PyTree,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
     effective_step: bool = True,
     robust: bool = True,
-    params: PyTree | None = None,
 ) -> program_lib.NodeProgram:
     r"""R-FAST as a node program: asynchronous Push-Pull gradient tracking with running sums.
 
@@ -160,6 +161,7 @@ def rfast(
     it receives, so a lost packet loses its tracker mass for good and the trackers drift.
 
     Args:
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       pull: ``G_R``; edge ``j -> i`` means ``i`` pulls ``j``'s value.
       push: ``G_C``; edge ``i -> j`` means ``i`` pushes tracker mass to ``j``.
       learning_rate: effective step size (SGD on the tracker); or
@@ -167,7 +169,6 @@ def rfast(
       effective_step: divide the step by ``n u^T v`` so ``learning_rate`` means the same on every
         topology pair (False: ``gamma = learning_rate``, optimizer unscaled).
       robust: running sums (R-FAST) or increments (the non-robust ablation).
-      params: the model's parameters (or ShapeDtypeStructs), giving the message shapes.
 
     Returns:
       A :class:`NodeProgram` with channels ``"pull"`` (on ``pull``) and ``"sums"`` (on ``push``)
@@ -210,10 +211,8 @@ def rfast(
     pull_out_mask = jnp.asarray(pull.out_mask).reshape(n, -1)
     push_out_mask = jnp.asarray(push.out_mask).reshape(n, -1)
     m_in_pull = pull.max_in_degree
-    channels = {
-        "pull": gossip_lib._channel(pull, lambda t: t, params),
-        "sums": gossip_lib._channel(push, lambda t: t, params),
-    }
+    template = gossip_lib._template(name, params)
+    channels = {"pull": program_lib.Channel(pull, template), "sums": program_lib.Channel(push, template)}
 
     def init(node, params, key):
         del key  # deterministic
@@ -244,9 +243,7 @@ def rfast(
         if robust:
             sent = rho_out
         else:
-            sent = mixing_lib.running_sum_send(
-                jax.tree.map(jnp.zeros_like, rho_out), z_half, out_c[i]
-            )
+            sent = mixing_lib.running_sum_send(jax.tree.map(jnp.zeros_like, rho_out), z_half, out_c[i])
         outbox = {
             "pull": gossip_lib._outbox(gossip_lib._stack(y, pull.max_out_degree), pull_out_mask[i]),
             "sums": gossip_lib._outbox(sent, push_out_mask[i]),
@@ -288,8 +285,6 @@ def rfast(
         params=lambda s: s.x,
         channels=channels,
         receive={"pull": receive_pull, "sums": receive_sums},
-        metrics=lambda states: {
-            "conservation_error": rfast_conservation_error(states, robust=robust)
-        },
+        metrics=lambda states: {"conservation_error": rfast_conservation_error(states, robust=robust)},
         num_nodes=n,
     )
