@@ -127,11 +127,13 @@ class Channel:
 
     Attributes:
       graph: a :class:`jaxasync.topology.Graph`; an edge ``i -> j`` lets ``i`` send to ``j``.
-      payload: pytree of arrays or ``jax.ShapeDtypeStruct`` describing one message.
+      payload: pytree of arrays or ``jax.ShapeDtypeStruct`` describing one message, or a function of
+        the model's parameters returning one (such as :func:`like_params`), so a factory need not
+        know the model: executors call :func:`resolve` with the initial parameters.
     """
 
     graph: Any
-    payload: PyTree
+    payload: PyTree = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +157,8 @@ class Registers:
     """Single-writer multi-reader registers: node ``i`` owns ``slots`` tagged registers.
 
     Attributes:
-      template: pytree of arrays: the value of one register.
+      template: pytree of arrays: the value of one register (or a function of the model's
+        parameters returning one, as for :class:`Channel` payloads).
       slots: registers per owner (a ring indexed by ``tag % slots``).
       visible: optional bool ``[n, n]``; ``visible[i, j]`` says whether ``i`` can read ``j``'s registers
         (cluster-mates). None means everybody sees everybody.
@@ -206,6 +209,8 @@ class NodeProgram:
       metrics: optional ``stacked_states -> {name: scalar}``, algorithm-specific metrics (for example
         the staleness a server measured).
       num_nodes: the number of nodes the program is built for, or None if it adapts to the executor's.
+      num_servers: nodes without data (parameter servers) after the data nodes: executors run
+        ``problem.num_nodes + num_servers`` nodes, and server nodes must never be ``ready``.
       needs_shared_memory: True if the program cannot run without shared objects between its nodes.
       crash_tolerant: True if the algorithm keeps working when nodes crash (documented fault model).
     """
@@ -224,6 +229,7 @@ class NodeProgram:
     evaluate: Callable[[State, Mapping[str, Any]], PyTree] | None = None
     metrics: Callable[[State], Mapping[str, jax.Array]] | None = None
     num_nodes: int | None = None
+    num_servers: int = 0
     needs_shared_memory: bool = False
     crash_tolerant: bool = False
 
@@ -258,8 +264,18 @@ class NodeProgram:
                 )
 
 
+def like_params(params: PyTree) -> PyTree:
+    """The template of a model-shaped payload or register: ``ShapeDtypeStruct`` per parameter leaf."""
+    return jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), params)
+
+
+def resolve(template: PyTree | Callable[[PyTree], PyTree], params: PyTree) -> PyTree:
+    """A channel payload or register template, with callables applied to the model's ``params``."""
+    return template(params) if callable(template) else template
+
+
 def empty_outbox(channel: Channel) -> Outbox:
-    """An outbox that sends nothing on ``channel`` (zeros, mask all False)."""
+    """An outbox that sends nothing on ``channel`` (zeros, mask all False; needs a resolved payload)."""
     m = max(channel.graph.max_out_degree, 1)
     payload = jax.tree.map(lambda t: jnp.zeros((m, *t.shape), t.dtype), channel.payload)
     return Outbox(payload, jnp.zeros((m,), bool))

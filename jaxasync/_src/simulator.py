@@ -101,6 +101,7 @@ class _Static:
     out_tables: tuple  # per channel: int32 [n, m]
     dst_slots: tuple  # per channel: int32 [n, m], the sender's slot at the receiver
     payload_bytes: tuple
+    payloads: tuple  # per channel: the resolved payload template
     pool_size: int
     compute_kind: str
     delay_kind: str
@@ -126,7 +127,7 @@ def _init_shared(static: _Static) -> dict:
             tags = jnp.full((static.n, spec.slots), -1, jnp.int32)
             values = jax.tree.map(
                 lambda t: jnp.zeros((static.n, spec.slots, *jnp.shape(t)), jnp.result_type(t)),
-                spec.template,
+                static.templates[name],
             )
             shared[name] = program_lib.RegistersView(tags, values)
     return shared
@@ -278,7 +279,8 @@ def _event(static: _Static, params: dict, carry: _Carry, key) -> _Carry:
 
         def alive(carry):
             state = _tree_get(carry.states, i)
-            batch = static.problem.sample(k_batch, i)
+            # Server nodes (after the data nodes) never step; the clip keeps a traced id in range.
+            batch = static.problem.sample(k_batch, jnp.minimum(i, static.problem.num_nodes - 1))
             state, emit = program.step(state, grad_fn, batch, k_handler)
             emit = _full_emit(emit)
             carry = _apply_ops(static, carry, emit.ops, i, count_staleness=True)
@@ -404,9 +406,9 @@ def _init_carry(static: _Static, params: dict, seed, log_size: int) -> _Carry:
     step_time = jnp.where(ready & (params["crash_times"] > 0), draws, jnp.inf)
     pools = []
     for cname in static.channel_names:
-        ch = program.channels[cname]
+        payload_template = static.payloads[static.channel_names.index(cname)]
         payload = jax.tree.map(
-            lambda t: jnp.zeros((static.pool_size, *jnp.shape(t)), jnp.result_type(t)), ch.payload
+            lambda t: jnp.zeros((static.pool_size, *jnp.shape(t)), jnp.result_type(t)), payload_template
         )
         z = jnp.zeros((static.pool_size,), jnp.int32)
         pools.append(_Pool(jnp.full((static.pool_size,), jnp.inf, jnp.float32), z, z, z, z, payload))
@@ -535,18 +537,24 @@ def run(
     return jax.lax.scan(chunk, carry, jnp.arange(num_records + 1))
 
 
+def num_nodes(program: program_lib.NodeProgram, problem) -> int:
+    """Nodes an executor runs: one per data shard, plus the program's data-less servers."""
+    return problem.num_nodes + program.num_servers
+
+
 def make_static(program: program_lib.NodeProgram, problem, asynchrony, pool_size: int | None) -> _Static:
-    n = problem.num_nodes
+    n = num_nodes(program, problem)
     names = tuple(sorted(program.channels))
-    out_tables, dst_slots, payload_bytes = [], [], []
+    out_tables, dst_slots, payload_bytes, payloads = [], [], [], []
     for cname in names:
         g = program.channels[cname].graph
         out_tables.append(np.asarray(g.out_table, np.int32).reshape(n, -1))
         dst_slots.append(np.asarray(g.out_recv_slot, np.int32).reshape(n, -1))
+        payloads.append(program_lib.resolve(program.channels[cname].payload, problem.init_params))
         payload_bytes.append(
             sum(
                 int(np.prod(jnp.shape(t))) * jnp.dtype(jnp.result_type(t)).itemsize
-                for t in jax.tree.leaves(program.channels[cname].payload)
+                for t in jax.tree.leaves(payloads[-1])
             )
         )
     if pool_size is None:
@@ -557,6 +565,8 @@ def make_static(program: program_lib.NodeProgram, problem, asynchrony, pool_size
         if isinstance(spec, program_lib.Buffer):
             templates[name] = problem.init_params if spec.template is None else spec.template
             unravels[name] = jax.flatten_util.ravel_pytree(templates[name])[1]
+        else:
+            templates[name] = program_lib.resolve(spec.template, problem.init_params)
     return _Static(
         program=program,
         problem=problem,
@@ -565,6 +575,7 @@ def make_static(program: program_lib.NodeProgram, problem, asynchrony, pool_size
         out_tables=tuple(out_tables),
         dst_slots=tuple(dst_slots),
         payload_bytes=tuple(payload_bytes),
+        payloads=tuple(payloads),
         pool_size=pool_size,
         compute_kind=asynchrony.compute_time.kind,
         delay_kind=asynchrony.delay.kind,
@@ -622,7 +633,7 @@ def simulate(
     from jaxasync._src import trace as trace_lib
 
     asynchrony = asynchrony or asynchrony_lib.Asynchrony()
-    n = problem.num_nodes
+    n = num_nodes(algorithm, problem)
     algorithm.check_nodes(n)
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -706,7 +717,7 @@ def record(
     :func:`event_keys`, drives the same handlers on the same inputs and must end in ``node_params``.
     """
     asynchrony = asynchrony or asynchrony_lib.Asynchrony()
-    n = problem.num_nodes
+    n = num_nodes(algorithm, problem)
     algorithm.check_nodes(n)
     static = make_static(algorithm, problem, asynchrony, pool_size)
     params = make_params(asynchrony, n)
