@@ -76,6 +76,7 @@ class Leaf:
     dtype: np.dtype
     offset: int
     nbytes: int
+    key_impl: Any = None  # typed PRNG keys travel as their key data (uint32)
 
 
 class Codec:
@@ -92,16 +93,33 @@ class Codec:
         self.leaves = []
         off = 0
         for t in leaves:
+            impl = None
+            if jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
+                impl = getattr(t.dtype, "_impl", None)
+                t = jax.eval_shape(jax.random.key_data, t)
             shape = tuple(int(d) for d in np.shape(t))
             dtype = np.dtype(t.dtype)
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            self.leaves.append(Leaf(shape, dtype, off, nbytes))
+            self.leaves.append(Leaf(shape, dtype, off, nbytes, impl))
             off += nbytes
+        self.has_keys = any(leaf.key_impl is not None for leaf in self.leaves)
         self.nbytes = off
         self.size = max(off, 1)  # a mailbox / register needs at least one byte
 
+    def host_leaves(self, tree: Any) -> list:
+        """The leaves of ``tree`` as host numpy arrays (typed keys as their key data)."""
+        import jax
+
+        leaves = jax.tree.leaves(tree)
+        if self.has_keys:
+            leaves = [
+                jax.random.key_data(x) if spec.key_impl is not None else x
+                for spec, x in zip(self.leaves, leaves)
+            ]
+        return [np.asarray(x) for x in jax.device_get(leaves)]
+
     def encode(self, leaves: list, index: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """Host leaves (optionally their ``[index]`` row) -> ``uint8[size]``."""
+        """Host leaves (from :meth:`host_leaves`; optionally their ``[index]`` row) -> ``uint8[size]``."""
         out = np.empty(self.size, np.uint8) if out is None else out
         for spec, x in zip(self.leaves, leaves):
             a = np.asarray(x if index is None else x[index])
@@ -115,7 +133,11 @@ class Codec:
         out = []
         for spec in self.leaves:
             raw = buf[..., spec.offset : spec.offset + spec.nbytes]
-            a = np.ascontiguousarray(raw).view(spec.dtype).reshape(*lead, *spec.shape)
+            a = np.ascontiguousarray(raw).view(spec.dtype).reshape(tuple(lead) + spec.shape)
+            if spec.key_impl is not None:
+                import jax
+
+                a = jax.random.wrap_key_data(a, impl=spec.key_impl)
             out.append(a)
         return out
 

@@ -316,8 +316,9 @@ class Worker:
         self.read_version = self.ctrl.load(VERSION)
         state, ready = self.observe_fn(state, buffers0, registers0)
         self.state, self.ready = state, bool(ready)
-        leaves = jax.tree.leaves(state)
-        self.state_codec_size = sum(int(np.asarray(x).nbytes) for x in leaves)
+        from jaxasync._src.runtime import transport as transport_lib
+
+        self.state_codec = transport_lib.Codec(state)
 
     # ------------------------------------------------------------------ shared objects
 
@@ -359,7 +360,7 @@ class Worker:
                     regs = self.shared.registers[name][self.node]
                     slot = int(op.slot)
                     codec = self.register_codecs[name]
-                    value = codec.encode(self.jax.tree.leaves(op.value))
+                    value = codec.encode(codec.host_leaves(op.value))
                     regs[slot].write(value, int(op.tag))
                 continue
             else:
@@ -396,7 +397,7 @@ class Worker:
             seq = self.seq[ci]
             self.seq[ci] += 1
             codec = self.codecs[ci]
-            leaves = [np.asarray(x) for x in self.jax.tree.leaves(ob.payload)]
+            leaves = codec.host_leaves(ob.payload)
             for j in np.nonzero(want)[0]:
                 dst = int(table[j])
                 self.stats["sent"] += 1
@@ -469,13 +470,7 @@ class Worker:
         want = self.ctrl.load(REQUEST)
         if want <= self.reported and not force:
             return
-        leaves = self.jax.device_get(self.jax.tree.leaves(self.state))
-        buf = np.empty(max(self.state_codec_size, 1), np.uint8)
-        off = 0
-        for x in leaves:
-            b = np.ascontiguousarray(x).view(np.uint8).reshape(-1)
-            buf[off : off + b.size] = b
-            off += b.size
+        buf = self.state_codec.encode(self.state_codec.host_leaves(self.state))
         self.publish_counters()
         self.shared.reports[self.node].write(buf, want)
         self.reported = want
