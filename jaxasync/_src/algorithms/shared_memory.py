@@ -84,14 +84,11 @@ def _local_optimizer(learning_rate, optimizer, where: str) -> optax.GradientTran
     if optimizer is not None:
         if not isinstance(optimizer, optax.GradientTransformation):
             raise TypeError(
-                f"{where}: optimizer must be an optax.GradientTransformation, got "
-                f"{type(optimizer).__name__}."
+                f"{where}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
             )
         return optimizer
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float):
-        raise TypeError(
-            f"{where}: learning_rate must be a float, got {type(learning_rate).__name__}."
-        )
+        raise TypeError(f"{where}: learning_rate must be a float, got {type(learning_rate).__name__}.")
     if not learning_rate > 0:
         raise ValueError(f"{where}: learning_rate must be positive, got {learning_rate}.")
     return optax.sgd(learning_rate)
