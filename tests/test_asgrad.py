@@ -8,6 +8,7 @@ import pytest
 
 import jaxasync as ja
 from jaxasync._src import program as program_lib
+from jaxasync._src import transforms as transforms_lib
 from jaxasync._src.algorithms import asgrad as asgrad_lib
 
 D, W = 6, 4
@@ -155,22 +156,13 @@ def test_random_assignment_is_deterministic_in_the_seed():
 
 
 def test_staleness_transform_gets_the_delay():
-    """A delay-aware transformation chained before the optimizer sees ``delay = t - a``."""
-
-    def init(params):
-        del params
-        return optax.EmptyState()
-
-    def update(updates, state, params=None, *, delay, **extra):
-        del params, extra
-        return jax.tree.map(lambda g: g / (1.0 + delay), updates), state
-
+    """A delay-aware transformation chained after the optimizer sees ``delay = t - a``."""
     params = jnp.zeros((D,))
     prog = asgrad_lib.asgrad(
         params=params,
         num_workers=W,
         learning_rate=1.0,
-        staleness=optax.GradientTransformationExtraArgs(init, update),
+        staleness=transforms_lib.scale_by_staleness("inverse"),  # factor 1 / (1 + tau)
     )
     server = _states(prog, params)[W]
     server, _ = prog.receive["grad"](server, _grad_msg(0, 0))  # delay 0: full step
@@ -179,22 +171,21 @@ def test_staleness_transform_gets_the_delay():
 
 
 def test_delay_adaptive_step_shrinks_for_large_delays():
-    tx = asgrad_lib.scale_by_delay_adaptive(0.1, num_workers=W)
     g = jnp.ones((D,))
-    state = tx.init(g)
+
+    def server_after(delay, **kw):
+        prog = asgrad_lib.delay_adaptive_asgd(params=g, num_workers=W, learning_rate=0.1, **kw)
+        server = _states(prog, jnp.zeros((D,)))[W]._replace(count=jnp.int32(delay))
+        server, _ = prog.receive["grad"](server, _grad_msg(0, 0))
+        assert prog.name == "delay_adaptive_asgd"
+        return float(-server.params[0])  # the step taken on a gradient of ones
+
+    # gamma up to tau = 2n, then gamma * 2n / tau (no L), or min(gamma, 1 / (4 L tau)) with L.
     for delay, step in [(0, 0.1), (2 * W, 0.1), (4 * W, 0.05), (20 * W, 0.01)]:
-        u, state = tx.update(g, state, delay=delay)
-        np.testing.assert_allclose(u, -step * np.ones(D), rtol=1e-6)
-    tx = asgrad_lib.scale_by_delay_adaptive(0.1, num_workers=W, smoothness=1.0)
-    u, _ = tx.update(g, tx.init(g), delay=100)
-    np.testing.assert_allclose(u, -np.ones(D) / 400, rtol=1e-6)  # min(gamma, 1 / (4 L tau))
-    prog = asgrad_lib.delay_adaptive_asgd(params=g, num_workers=W, learning_rate=0.1)
-    server = _states(prog, g)[W]
-    server, _ = prog.receive["grad"](server, _grad_msg(0, 0))
-    server = server._replace(count=jnp.int32(4 * W))
-    server, _ = prog.receive["grad"](server, _grad_msg(0, 0))  # delay 4W: half step
-    np.testing.assert_allclose(server.params, (1 - 0.15) * np.ones(D), rtol=1e-6)  # x_0 = 1
-    assert prog.name == "delay_adaptive_asgd"
+        np.testing.assert_allclose(server_after(delay), step, rtol=1e-6)
+    np.testing.assert_allclose(server_after(100, smoothness=1.0), 1 / 400, rtol=1e-6)
+    np.testing.assert_allclose(server_after(2 * W, smoothness=1.0), 0.1, rtol=1e-6)
+    np.testing.assert_allclose(server_after(4 * W, smoothness=1.0), 1 / (16 * W), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,31 +217,33 @@ def test_one_worker_equals_plain_sgd():
     assert trace.final("staleness_max") == 0
 
 
+# shuffle_once runs in bfloat16: one compiled simulation fewer, and the bfloat16 check of the file.
+DTYPES = {"pure": jnp.float32, "random": jnp.float32, "shuffled": jnp.float32, "shuffle_once": jnp.bfloat16}
+
+
 @pytest.fixture(scope="module")
 def policy_traces():
     """Heterogeneous data and speeds 1..4 (fixed compute times), full local gradients."""
-    problem = asgrad_lib.server_problem(_problem())
+    base = _problem()
     asynchrony = ja.Asynchrony(compute_time=ja.fixed([1.0, 2.0, 3.0, 4.0, 1.0]))
-    return {
-        policy: ja.simulate(
-            asgrad_lib.asgrad(params=problem.init_params, num_workers=W, policy=policy, learning_rate=0.02),
-            problem,
-            asynchrony,
-            steps=2000,
-            record_every=100,
-        )
-        for policy in POLICIES
-    }
+    traces = {}
+    for policy in POLICIES:
+        x0 = jnp.zeros(D, DTYPES[policy])
+        problem = asgrad_lib.server_problem(ja.Problem(base.loss_fn, x0, base.shards))
+        prog = asgrad_lib.asgrad(params=x0, num_workers=W, policy=policy, learning_rate=0.02)
+        traces[policy] = ja.simulate(prog, problem, asynchrony, steps=2000, record_every=100)
+    return traces
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_policies_converge(policy_traces, policy):
     trace = policy_traces[policy]
-    # With equal job shares (not pure) the server converges near x*; pure's fast-worker bias
-    # leaves a floor, still well below the start.
+    # With equal job shares (not pure) the server converges near x* (bfloat16 stalls near 0.2 when
+    # the steps fall below its resolution); pure's fast-worker bias leaves a floor (~0.6).
     bound = 0.5 if policy == "pure" else 0.15
     assert trace.final("grad_norm") < bound * trace["grad_norm"][0]
-    assert trace.final("loss") < trace["loss"][0]
+    assert trace.final("loss") < 0.5 * trace["loss"][0]
+    assert np.all(np.isfinite(trace["loss"]))
     assert trace.final("queue_overflow") == 0
     assert trace.final("server_iterations") >= 1990
     assert 1 <= trace.final("staleness_mean") <= trace.final("staleness_max")
@@ -268,17 +261,6 @@ def test_pure_is_biased_under_heterogeneous_speeds_and_data(policy_traces):
     pure = policy_traces["pure"]["grad_norm"][-5:].mean()
     shuffled = policy_traces["shuffled"]["grad_norm"][-5:].mean()
     assert pure > 3 * shuffled
-
-
-def test_bfloat16_runs_and_decreases_the_loss():
-    base = _problem(batch_size=8)
-    problem = asgrad_lib.server_problem(
-        ja.Problem(base.loss_fn, jnp.zeros(D, jnp.bfloat16), base.shards, batch_size=8)
-    )
-    prog = asgrad_lib.asgrad(params=problem.init_params, num_workers=W, policy="shuffled", learning_rate=0.02)
-    trace = ja.simulate(prog, problem, steps=600, record_every=100)
-    assert np.all(np.isfinite(trace["loss"]))
-    assert trace.final("loss") < 0.5 * trace["loss"][0]
 
 
 # ---------------------------------------------------------------------------------------------

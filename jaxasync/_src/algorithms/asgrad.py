@@ -34,18 +34,16 @@ import optax
 
 from jaxasync._src import assignment as assignment_lib
 from jaxasync._src import program as program_lib
-from jaxasync._src import schedules as schedules_lib
 from jaxasync._src import topology as topology_lib
+from jaxasync._src import transforms as transforms_lib
 
 PyTree = Any
 
 __all__ = [
     "AsGradState",
-    "ScaleByDelayAdaptiveState",
     "asgrad",
     "delay_adaptive_asgd",
     "ps_asgd",
-    "scale_by_delay_adaptive",
     "server_problem",
 ]
 
@@ -82,58 +80,6 @@ class AsGradState(NamedTuple):
     head: jax.Array
     size: jax.Array
     overflow: jax.Array
-
-
-class ScaleByDelayAdaptiveState(NamedTuple):
-    """State of :func:`scale_by_delay_adaptive`: the int32 update ``count``."""
-
-    count: jax.Array
-
-
-def scale_by_delay_adaptive(
-    learning_rate, num_workers: int, smoothness: float | None = None, threshold: float | None = None
-) -> optax.GradientTransformationExtraArgs:
-    r"""Delay-adaptive SGD step as an Optax transformation taking ``delay=`` per update.
-
-    .. math::
-        u_t = -\gamma_t(\tau_t)\, g_t, \qquad
-        \gamma_t = \gamma \text{ if } \tau_t \le \tau_C = 2n, \text{ else }
-        \min(\gamma, 1/(4 L \tau_t)) \text{ (or } \gamma\,\tau_C/\tau_t \text{ without } L).
-
-    The rule itself is :func:`jaxasync._src.schedules.delay_adaptive` (recalled from memory, see there).
-
-    Args:
-      learning_rate: base step ``gamma`` (float or schedule ``count -> gamma``).
-      num_workers: ``n``, concurrent jobs.
-      smoothness: ``L`` if known.
-      threshold: ``tau_C`` (default ``2 n``).
-
-    Returns:
-      A ``GradientTransformationExtraArgs``; ``update(g, state, params=None, *, delay)``.
-
-    Example:
-      >>> tx = scale_by_delay_adaptive(0.1, num_workers=2)
-      >>> u, _ = tx.update(jnp.ones(2), tx.init(jnp.ones(2)), delay=8)
-      >>> u.tolist()
-      [-0.05000000074505806, -0.05000000074505806]
-
-    References:
-      Mishchenko, Bach, Even and Woodworth, "Asynchronous SGD beats minibatch SGD under arbitrary
-      delays", NeurIPS 2022 (arXiv:2206.07638).
-    """
-    step_size = schedules_lib.delay_adaptive(learning_rate, num_workers, smoothness, threshold)
-
-    def init_fn(params):
-        del params  # only a counter
-        return ScaleByDelayAdaptiveState(jnp.zeros((), jnp.int32))
-
-    def update_fn(updates, state, params=None, *, delay=0, **extra_args):
-        del params, extra_args  # the step depends on the count and the delay only
-        gamma = step_size(state.count, delay)
-        updates = jax.tree.map(lambda g: (-gamma * g).astype(g.dtype), updates)
-        return updates, ScaleByDelayAdaptiveState(state.count + 1)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class _ServerProblem:
@@ -215,8 +161,8 @@ def asgrad(
     ``g = grad f_j(x_a; xi)`` (its *own* data) and ``a`` to the server, which at iteration ``t`` does
 
     .. math::
-        \tau_t = t - a, \qquad x_{t+1} = x_t + \mathrm{opt}(g;\ \mathrm{delay}=\tau_t)
-        \quad (= x_t - \gamma g \text{ with } \texttt{learning\_rate}),
+        \tau_t = t - a, \qquad x_{t+1} = x_t + s(\tau_t)\,\mathrm{opt}(g)
+        \quad (= x_t - \gamma g \text{ with } \texttt{learning\_rate}, s \equiv 1),
 
     then picks the worker ``k_t`` of the next job by ``policy`` and sends it ``(x_{t+1}, t + 1)``:
 
@@ -242,8 +188,8 @@ def asgrad(
       learning_rate: constant step ``gamma`` (plain SGD on the server); or
       optimizer: any Optax transformation for the server's update (called with ``delay=tau`` if it
         takes extra args).
-      staleness: an optional delay-aware transformation chained *before* the optimizer (receives
-        ``delay=tau``), e.g. a staleness-dependent scaling.
+      staleness: an optional delay-aware transformation chained *after* the optimizer (receives
+        ``delay=tau``), e.g. :func:`jaxasync._src.transforms.scale_by_staleness`.
       queue_capacity: jobs a worker's queue holds (default ``num_workers``, 1 for ``pure``).
 
     Returns:
@@ -268,7 +214,8 @@ def asgrad(
     policy_fn = assignment_lib.assignment_policy(policy)  # ValueError on an unknown name
     opt = _check_optimizer(learning_rate, optimizer, "asgrad")
     if staleness is not None:
-        opt = optax.chain(staleness, opt)
+        # After the optimizer: it scales the step (a factor before Adam-like rules would cancel).
+        opt = optax.chain(opt, staleness)
     opt = optax.with_extra_args_support(opt)
     if queue_capacity is None:
         queue_capacity = 1 if policy == "pure" else num_workers
@@ -426,20 +373,21 @@ def delay_adaptive_asgd(
     num_workers: int,
     learning_rate: float,
     smoothness: float | None = None,
-    threshold: float | None = None,
 ) -> program_lib.NodeProgram:
     r"""Pure asynchronous SGD with the delay-adaptive step of Mishchenko et al. (2022).
 
     .. math::
         x_{t+1} = x_t - \gamma_t g_t, \qquad \gamma_t = \gamma \text{ if } \tau_t \le 2n \text{ else }
-        \min(\gamma, 1/(4 L \tau_t)) \ (\gamma\, 2n/\tau_t \text{ if } L \text{ is unknown}).
+        \min(\gamma, 1/(4 L \tau_t)) \ (\gamma \min(1, 2n/\tau_t) \text{ if } L \text{ is unknown}).
+
+    The rule (quoted from memory in ALGORITHMS.md section 6) is
+    :func:`jaxasync._src.transforms.scale_by_staleness` chained after ``optax.sgd``.
 
     Args:
       params: the model parameters (for message shapes).
       num_workers: ``n``.
       learning_rate: the base step ``gamma``.
       smoothness: ``L`` if known.
-      threshold: the delay up to which the full step is used (default ``2n``).
 
     Returns:
       A node program (layout as in :func:`asgrad`).
@@ -448,14 +396,21 @@ def delay_adaptive_asgd(
       Mishchenko, Bach, Even and Woodworth, "Asynchronous SGD beats minibatch SGD under arbitrary
       delays", NeurIPS 2022 (arXiv:2206.07638).
     """
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"delay_adaptive_asgd: num_workers must be a positive int, got {num_workers!r}")
     if learning_rate is None:
         raise ValueError("delay_adaptive_asgd: learning_rate is required")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"delay_adaptive_asgd: num_workers must be a positive int, got {num_workers!r}")
+    staleness = transforms_lib.scale_by_staleness(
+        "delay_adaptive",
+        num_workers=num_workers,
+        smoothness=smoothness,
+        learning_rate=None if smoothness is None else learning_rate,
+    )
     prog = asgrad(
         params=params,
         num_workers=num_workers,
         policy="pure",
-        optimizer=scale_by_delay_adaptive(learning_rate, num_workers, smoothness, threshold),
+        learning_rate=learning_rate,
+        staleness=staleness,
     )
     return dataclasses.replace(prog, name="delay_adaptive_asgd")
