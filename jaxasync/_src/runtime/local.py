@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxasync._src.runtime import progress as progress_lib
+from jaxasync._src import progress as progress_lib
 from jaxasync._src.runtime import transport as transport_lib
 from jaxasync._src.runtime import worker as worker_lib
 
@@ -90,10 +90,12 @@ def _check_args(algorithm, problem, workers, asynchrony, steps, time_limit, buff
     algorithm.check_nodes(workers)
     if not hasattr(problem, "num_nodes") or not hasattr(problem, "sample"):
         raise TypeError(f"problem must be a jaxasync.Problem, got {type(problem).__name__}")
-    if problem.num_nodes != workers:
+    servers = int(getattr(algorithm, "num_servers", 0))
+    if problem.num_nodes + servers != workers:
+        extra = f" plus {servers} data-less server(s)" if servers else ""
         raise ValueError(
-            f"the problem has {problem.num_nodes} data shard(s) but {workers} workers were requested "
-            "(one shard per worker)"
+            f"the problem has {problem.num_nodes} data shard(s){extra} but {workers} workers were "
+            f"requested (one shard per worker{extra and ', plus the servers'})"
         )
     if asynchrony is not None:
         asynchrony.check_nodes(workers)
@@ -156,7 +158,8 @@ class _Layout:
         self.channel_names = tuple(sorted(algorithm.channels))
         self.graphs = [algorithm.channels[c].graph for c in self.channel_names]
         self.payload_codecs = [
-            transport_lib.Codec(algorithm.channels[c].payload) for c in self.channel_names
+            transport_lib.Codec(program_lib.resolve(algorithm.channels[c].payload, problem.init_params))
+            for c in self.channel_names
         ]
         node_keys, _ = simulator_lib.init_keys(seed, n)
         self.state_shape = jax.eval_shape(
@@ -170,7 +173,8 @@ class _Layout:
                 self.buffers[name] = jax.tree.map(np.asarray, template)
                 self.unravels[name] = jax.flatten_util.ravel_pytree(template)[1]
             else:
-                self.registers[name] = (spec, transport_lib.Codec(spec.template))
+                template = program_lib.resolve(spec.template, problem.init_params)
+                self.registers[name] = (spec, transport_lib.Codec(template))
 
 
 def _create_shared(layout: _Layout, transport_cls, capacity) -> worker_lib.Shared:
@@ -547,9 +551,9 @@ def run(
 
     Args:
       algorithm: a :class:`~jaxasync._src.program.NodeProgram`.
-      problem: a :class:`jaxasync.Problem` with one data shard per worker (AsGrad: build it with
-        ``server_problem``, the server is a worker too).
-      workers: number of processes; must equal the number of nodes of the program and of the problem.
+      problem: a :class:`jaxasync.Problem` with one data shard per data node.
+      workers: number of processes; must equal the program's number of nodes, i.e. the problem's
+        shards plus the program's data-less servers (``program.num_servers``, e.g. AsGrad's server).
       asynchrony: optional :class:`jaxasync.Asynchrony`; its ``stragglers``, ``loss`` and ``crashes``
         (wall-clock seconds) are injected for real; ``compute_time`` and ``delay`` are ignored.
       steps: local steps (summed over the workers) to run; exact.
@@ -592,12 +596,9 @@ def run(
 
     W = worker_lib
     session = _Session(algorithm, problem, n, seed, transport_cls, mailbox_capacity, extra, buffer_mode)
-    records, crashed, interrupted = [], {}, False
-    bar = progress_lib.ProgressBar(
-        steps if steps is not None else time_limit,
-        algorithm.name,
-        enabled=progress,
-        unit=" steps" if steps is not None else "s",
+    records, crashed, interrupted, note = [], {}, False, ""
+    bar = progress_lib.Progress(
+        f"{algorithm.name} x{n}", steps if steps is not None else time_limit, enabled=progress
     )
     try:
         ctrl = session.shared.ctrl
@@ -665,9 +666,8 @@ def run(
                     if target_loss is not None and rec["loss"] <= target_loss:
                         break
                 bar.update(
-                    done if steps is not None else now,
-                    loss=float(rec["loss"]),
-                    alive=n - len(session.procs.dead),
+                    done if steps is not None else round(now, 1),
+                    note=f"loss={float(rec['loss']):.3g} alive={n - len(session.procs.dead)}",
                 )
                 time.sleep(_POLL)
         except KeyboardInterrupt:
@@ -677,10 +677,10 @@ def run(
         if not interrupted:
             session.check(end, tolerate_crashes=algorithm.crash_tolerant, stopping=True)
         record(end)
-        bar.update(records[-1]["steps"] if steps is not None else end, force=True,
-                   loss=float(records[-1]["loss"]))
+        note = f"loss={float(records[-1]['loss']):.3g}"
+        bar.update(int(records[-1]["steps"]) if steps is not None else round(end, 1), note=note)
     finally:
-        bar.close()
+        bar.close(note)
         session.close()
 
     metrics = {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
@@ -729,7 +729,8 @@ def replay(algorithm, problem, record, *, timeout: float = 300.0, transport: Any
     """
     from jaxasync._src import simulator as simulator_lib
 
-    n, transport_cls = _check_args(algorithm, problem, problem.num_nodes, None, None, 1.0, "atomic", transport)
+    n = problem.num_nodes + int(getattr(algorithm, "num_servers", 0))
+    n, transport_cls = _check_args(algorithm, problem, n, None, None, 1.0, "atomic", transport)
     events = simulator_lib.EventLog(*(np.asarray(a) for a in record.events))
     seed = int(record.seed)
     W = worker_lib

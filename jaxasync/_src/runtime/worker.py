@@ -205,7 +205,10 @@ class Worker:
             np.asarray(program.channels[c].graph.out_table, np.int64).reshape(n, -1)
             for c in self.channel_names
         ]
-        self.codecs = [transport_lib.Codec(program.channels[c].payload) for c in self.channel_names]
+        self.codecs = [
+            transport_lib.Codec(program_lib.resolve(program.channels[c].payload, problem.init_params))
+            for c in self.channel_names
+        ]
         self.seq = [0] * len(self.channel_names)
         self.pending = collections.deque()  # messages drained while blocked on a full mailbox
         self.stash = {}  # replay: (channel, src, seq) -> payload
@@ -221,7 +224,8 @@ class Worker:
         self.buffer_names = [k for k, s in program.shared.items() if isinstance(s, program_lib.Buffer)]
         self.register_names = [k for k, s in program.shared.items() if isinstance(s, program_lib.Registers)]
         self.register_codecs = {
-            k: transport_lib.Codec(program.shared[k].template) for k in self.register_names
+            k: transport_lib.Codec(program_lib.resolve(program.shared[k].template, problem.init_params))
+            for k in self.register_names
         }
         self.visible = {}
         for k in self.register_names:
@@ -247,6 +251,8 @@ class Worker:
         program, problem, node = self.program, self.problem, self.node
         seed, replay = self.seed, self.events is not None
         node32 = jnp.int32(node)
+        # Server nodes (after the data nodes) never step; clip like the simulator does.
+        data_node = jnp.int32(min(node, problem.num_nodes - 1))
 
         def flat_ops(emit):
             emit = P.Emit() if emit is None else emit
@@ -270,7 +276,7 @@ class Worker:
             else:
                 k = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), node32), counter)
                 k_batch, k_handler = jax.random.split(k)
-            batch = problem.sample(k_batch, node32)
+            batch = problem.sample(k_batch, data_node)
             state, emit = program.step(state, problem.grad_fn, batch, k_handler)
             outbox, ops = flat_ops(emit)
             return state, outbox, ops, program.ready(state)
