@@ -51,7 +51,7 @@ def _leaf_specs(tree):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_handlers_jit_and_keep_state_structure(dtype):
     params = jnp.zeros((D,), dtype)
-    prog = asgrad_lib.asgrad(params=params, num_workers=W, policy="random", learning_rate=0.1)
+    prog = asgrad_lib.asgrad(num_workers=W, policy="random", learning_rate=0.1)
     states = _states(prog, params)
     worker, server = states[0], states[W]
     grad_fn = jax.grad(lambda x, b: jnp.sum((x - b) ** 2))
@@ -81,9 +81,7 @@ def test_handlers_jit_and_keep_state_structure(dtype):
 
 def test_worker_queue_is_fifo_and_counts_overflow():
     params = jnp.zeros((D,))
-    prog = asgrad_lib.asgrad(
-        params=params, num_workers=W, policy="random", learning_rate=0.1, queue_capacity=3
-    )
+    prog = asgrad_lib.asgrad(num_workers=W, policy="random", learning_rate=0.1, queue_capacity=3)
     w = _states(prog, params)[1]
     for a in (5, 7, 9):  # the third does not fit: the initial job still occupies a slot
         w, _ = prog.receive["job"](w, _msg(0, (jnp.full((D,), float(a)), jnp.int32(a))))
@@ -103,7 +101,7 @@ def test_worker_queue_is_fifo_and_counts_overflow():
 
 def _drive_server(policy, finishers, seed=0, num_workers=W):
     params = jnp.zeros((D,))
-    prog = asgrad_lib.asgrad(params=params, num_workers=num_workers, policy=policy, learning_rate=0.1)
+    prog = asgrad_lib.asgrad(num_workers=num_workers, policy=policy, learning_rate=0.1)
     server = _states(prog, params, seed)[num_workers]
     receive = jax.jit(prog.receive["grad"])
     recipients = []
@@ -159,7 +157,6 @@ def test_staleness_transform_gets_the_delay():
     """A delay-aware transformation chained after the optimizer sees ``delay = t - a``."""
     params = jnp.zeros((D,))
     prog = asgrad_lib.asgrad(
-        params=params,
         num_workers=W,
         learning_rate=1.0,
         staleness=transforms_lib.scale_by_staleness("inverse"),  # factor 1 / (1 + tau)
@@ -171,10 +168,9 @@ def test_staleness_transform_gets_the_delay():
 
 
 def test_delay_adaptive_step_shrinks_for_large_delays():
-    g = jnp.ones((D,))
 
     def server_after(delay, **kw):
-        prog = asgrad_lib.delay_adaptive_asgd(params=g, num_workers=W, learning_rate=0.1, **kw)
+        prog = asgrad_lib.delay_adaptive_asgd(num_workers=W, learning_rate=0.1, **kw)
         server = _states(prog, jnp.zeros((D,)))[W]._replace(count=jnp.int32(delay))
         server, _ = prog.receive["grad"](server, _grad_msg(0, 0))
         assert prog.name == "delay_adaptive_asgd"
@@ -196,10 +192,10 @@ def test_one_worker_equals_plain_sgd():
     """One worker, fixed compute time: the server's trajectory is the plain optax one."""
     problem = _problem(num_workers=1)
     lr, steps = 0.05, 30
-    prog = asgrad_lib.asgrad(params=problem.init_params, num_workers=1, learning_rate=lr)
+    prog = asgrad_lib.asgrad(num_workers=1, learning_rate=lr)
     trace = ja.simulate(
         prog,
-        asgrad_lib.server_problem(problem),
+        problem,
         ja.Asynchrony(compute_time=ja.fixed(1.0)),
         steps=steps,
         record_every=1,
@@ -229,8 +225,8 @@ def policy_traces():
     traces = {}
     for policy in POLICIES:
         x0 = jnp.zeros(D, DTYPES[policy])
-        problem = asgrad_lib.server_problem(ja.Problem(base.loss_fn, x0, base.shards))
-        prog = asgrad_lib.asgrad(params=x0, num_workers=W, policy=policy, learning_rate=0.02)
+        problem = ja.Problem(base.loss_fn, x0, base.shards)
+        prog = asgrad_lib.asgrad(num_workers=W, policy=policy, learning_rate=0.02)
         traces[policy] = ja.simulate(prog, problem, asynchrony, steps=2000, record_every=100)
     return traces
 
@@ -268,26 +264,23 @@ def test_pure_is_biased_under_heterogeneous_speeds_and_data(policy_traces):
 
 
 def test_bad_input():
-    x = jnp.zeros(D)
     with pytest.raises(ValueError, match="policy"):
-        asgrad_lib.asgrad(params=x, num_workers=W, policy="fastest", learning_rate=0.1)
+        asgrad_lib.asgrad(num_workers=W, policy="fastest", learning_rate=0.1)
     with pytest.raises(ValueError, match="num_workers"):
-        asgrad_lib.asgrad(params=x, num_workers=0, learning_rate=0.1)
+        asgrad_lib.asgrad(num_workers=0, learning_rate=0.1)
     with pytest.raises(TypeError, match="num_workers"):
-        asgrad_lib.asgrad(params=x, num_workers=2.0, learning_rate=0.1)
+        asgrad_lib.asgrad(num_workers=2.0, learning_rate=0.1)
     with pytest.raises(ValueError, match="exactly one"):
-        asgrad_lib.asgrad(params=x, num_workers=W)
+        asgrad_lib.asgrad(num_workers=W)
     with pytest.raises(ValueError, match="exactly one"):
-        asgrad_lib.asgrad(params=x, num_workers=W, learning_rate=0.1, optimizer=optax.sgd(0.1))
+        asgrad_lib.asgrad(num_workers=W, learning_rate=0.1, optimizer=optax.sgd(0.1))
     with pytest.raises(TypeError, match="optimizer"):
-        asgrad_lib.asgrad(params=x, num_workers=W, optimizer=0.1)
+        asgrad_lib.asgrad(num_workers=W, optimizer=0.1)
     with pytest.raises(ValueError, match="queue_capacity"):
-        asgrad_lib.asgrad(params=x, num_workers=W, learning_rate=0.1, queue_capacity=0)
+        asgrad_lib.asgrad(num_workers=W, learning_rate=0.1, queue_capacity=0)
     with pytest.raises(ValueError, match="num_workers"):
-        asgrad_lib.delay_adaptive_asgd(params=x, num_workers=0, learning_rate=0.1)
-    with pytest.raises(TypeError, match="Problem"):
-        asgrad_lib.server_problem([1, 2])
-    # Forgetting the server's node is caught by the executor.
-    prog = asgrad_lib.asgrad(params=x, num_workers=W, learning_rate=0.1)
+        asgrad_lib.delay_adaptive_asgd(num_workers=0, learning_rate=0.1)
+    # A problem needs one shard per worker (the executor adds the server).
+    prog = asgrad_lib.asgrad(num_workers=W, learning_rate=0.1)
     with pytest.raises(ValueError, match="5 nodes"):
-        ja.simulate(prog, _problem(), steps=10)
+        ja.simulate(prog, _problem(num_workers=W + 1), steps=10)

@@ -104,7 +104,7 @@ def _run(prog, problem, steps, max_delay, seed=0):
 @pytest.mark.parametrize("graph", [None, ja.topology.ring(N)])
 def test_handlers_jit_and_keep_state_structure(dtype, graph):
     params = jnp.zeros((D,), dtype)
-    prog = dasgd_lib.dasgd(params=params, num_nodes=N, learning_rate=0.1, graph=graph)
+    prog = dasgd_lib.dasgd(num_nodes=N, learning_rate=0.1, graph=graph)
     state = prog.init(jnp.int32(1), params, jax.random.key(0))
     grad_fn = jax.grad(lambda x, b: jnp.sum((x - b) ** 2))
     traces = []
@@ -130,9 +130,7 @@ def test_zero_delay_complete_graph_models_identical_and_equal_plain_sgd():
     """No delay: every node holds x_0 + the same updates in the same order: plain SGD."""
     problem = _problem(batch_size=None)  # full local gradients: deterministic
     lr = 0.05
-    net = _Network(
-        dasgd_lib.dasgd(params=problem.init_params, num_nodes=N, learning_rate=lr), problem, max_delay=0.0
-    )
+    net = _Network(dasgd_lib.dasgd(num_nodes=N, learning_rate=lr), problem, max_delay=0.0)
     opt = optax.sgd(lr)
     x, s = problem.init_params, opt.init(problem.init_params)
     update = jax.jit(lambda x, s, b: opt.update(problem.grad_fn(x, b), s, x))
@@ -154,7 +152,7 @@ def test_zero_delay_complete_graph_models_identical_and_equal_plain_sgd():
 @pytest.mark.parametrize("graph", [None, ja.topology.ring(N)])
 def test_with_delays_models_agree_once_messages_land(graph):
     problem = _problem()
-    prog = dasgd_lib.dasgd(params=problem.init_params, num_nodes=N, learning_rate=0.05, graph=graph)
+    prog = dasgd_lib.dasgd(num_nodes=N, learning_rate=0.05, graph=graph)
     net = _run(prog, problem, steps=60, max_delay=6.0)
     spread = np.ptp(net.models(), axis=0).max()
     net.deliver()
@@ -176,7 +174,7 @@ def test_with_delays_models_agree_once_messages_land(graph):
 def test_flooding_window_gives_up_on_a_missing_update():
     """An update that never arrives stalls an origin's prefix; 32 later ones slide past it."""
     params = jnp.zeros((D,))
-    prog = dasgd_lib.dasgd(params=params, num_nodes=N, learning_rate=0.1, graph=ja.topology.ring(N))
+    prog = dasgd_lib.dasgd(num_nodes=N, learning_rate=0.1, graph=ja.topology.ring(N))
     state = prog.init(jnp.int32(0), params, jax.random.key(0))
     receive = jax.jit(prog.receive["grad"])
     one = jnp.ones((D,))
@@ -207,7 +205,7 @@ def test_flooding_window_gives_up_on_a_missing_update():
 )
 def test_converges_in_the_simulator(graph, dtype):
     problem = _problem(dtype=dtype)
-    prog = dasgd_lib.dasgd(params=problem.init_params, num_nodes=N, learning_rate=0.05, graph=graph)
+    prog = dasgd_lib.dasgd(num_nodes=N, learning_rate=0.05, graph=graph)
     asynchrony = ja.Asynchrony(delay=ja.exponential(1.0))
     trace = ja.simulate(prog, problem, asynchrony, steps=1200, record_every=100, pool_size=512)
     # Noise floor of this problem is ~0.005 (noise variance / 2); the start is ~1.5.
@@ -266,25 +264,22 @@ def test_sequential_equals_plain_optax(dtype):
 
 
 def test_bad_input():
-    x = jnp.zeros(D)
     with pytest.raises(ValueError, match="num_nodes"):
-        dasgd_lib.dasgd(params=x, num_nodes=0, learning_rate=0.1)
+        dasgd_lib.dasgd(num_nodes=0, learning_rate=0.1)
     with pytest.raises(TypeError, match="num_nodes"):
-        dasgd_lib.dasgd(params=x, num_nodes="4", learning_rate=0.1)
+        dasgd_lib.dasgd(num_nodes="4", learning_rate=0.1)
     with pytest.raises(ValueError, match="exactly one"):
-        dasgd_lib.dasgd(params=x, num_nodes=N)
+        dasgd_lib.dasgd(num_nodes=N)
     with pytest.raises(ValueError, match="exactly one"):
-        dasgd_lib.dasgd(params=x, num_nodes=N, learning_rate=0.1, optimizer=optax.sgd(0.1))
+        dasgd_lib.dasgd(num_nodes=N, learning_rate=0.1, optimizer=optax.sgd(0.1))
     with pytest.raises(TypeError, match="optimizer"):
-        dasgd_lib.dasgd(params=x, num_nodes=N, optimizer="adam")
+        dasgd_lib.dasgd(num_nodes=N, optimizer="adam")
     with pytest.raises(ValueError, match="nodes"):
-        dasgd_lib.dasgd(params=x, num_nodes=N, learning_rate=0.1, graph=ja.topology.ring(N + 1))
+        dasgd_lib.dasgd(num_nodes=N, learning_rate=0.1, graph=ja.topology.ring(N + 1))
     with pytest.raises(ValueError, match="strongly connected"):
-        dasgd_lib.dasgd(params=x, num_nodes=N, learning_rate=0.1, graph=ja.topology.out_tree(N))
+        dasgd_lib.dasgd(num_nodes=N, learning_rate=0.1, graph=ja.topology.out_tree(N))
     with pytest.raises(TypeError, match="graph"):
-        dasgd_lib.dasgd(params=x, num_nodes=N, learning_rate=0.1, graph=np.ones((N, N)))
-    with pytest.raises(ValueError, match="no arrays"):
-        dasgd_lib.dasgd(params={}, num_nodes=N, learning_rate=0.1)
+        dasgd_lib.dasgd(num_nodes=N, learning_rate=0.1, graph=np.ones((N, N)))
     with pytest.raises(ValueError, match="exactly one"):
         sequential_lib.sgd()
     with pytest.raises(TypeError, match="optimizer"):

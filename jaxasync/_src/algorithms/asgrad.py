@@ -5,14 +5,12 @@ Layout of the node program (``n = num_workers + 1`` nodes):
 
 * nodes ``0 .. num_workers - 1`` are the **workers**; worker ``i`` reads data shard ``i`` and its id is
   also the worker index the assignment policy uses;
-* node ``num_workers`` (the last one) is the **server**: it never computes (``ready`` is always False)
-  and owns the model ``x_t``.
+* node ``num_workers`` (the last one) is the **server**, a data-less node (``num_servers = 1``): it
+  never computes (``ready`` is always False) and owns the model ``x_t``.
 
-Executors give every node a data shard, so a problem with one shard per worker must get an extra one
-for the server: :func:`server_problem` appends a placeholder that is never sampled and keeps the
-objective ``f = (1/num_workers) sum_i f_i`` over the workers' shards. Per-node asynchrony sequences
-need ``num_workers + 1`` entries too: the server's compute time is unused and its message delay is the
-job-download delay.
+So the problem has one shard per worker, and executors add the server node. Per-node asynchrony
+sequences need ``num_workers + 1`` entries: the server's compute time is unused and its message delay
+is the job-download delay.
 
 Channels: ``"job"`` (server -> every worker; payload: the snapshot ``x_a`` and its iteration ``a``) and
 ``"grad"`` (every worker -> server; payload: the gradient and the ``a`` of the job it came from).
@@ -44,7 +42,6 @@ __all__ = [
     "asgrad",
     "delay_adaptive_asgd",
     "ps_asgd",
-    "server_problem",
 ]
 
 
@@ -82,52 +79,6 @@ class AsGradState(NamedTuple):
     overflow: jax.Array
 
 
-class _ServerProblem:
-    """A problem with one placeholder shard appended for the server node (never sampled)."""
-
-    def __init__(self, problem):
-        self.base = problem
-        self.num_workers = problem.num_nodes
-        self.num_nodes = problem.num_nodes + 1
-        for name in ("loss_fn", "init_params", "batch_size", "optimum", "f_star", "grad_fn"):
-            setattr(self, name, getattr(problem, name))
-        self.shards = list(problem.shards) + [problem.shards[-1]]
-        self.sizes = np.append(problem.sizes, problem.sizes[-1]).astype(np.int32)
-        self.name = f"{problem.name}+server"
-
-    def sample(self, key, node):
-        # The server never computes; clipping keeps a traced node id in range.
-        return self.base.sample(key, jnp.minimum(node, self.num_workers - 1))
-
-    def node_loss(self, params, node):
-        return self.base.node_loss(params, min(int(node), self.num_workers - 1))
-
-    def loss(self, params):
-        return self.base.loss(params)
-
-    def grad_norm(self, params):
-        return self.base.grad_norm(params)
-
-    def __repr__(self):
-        return f"server_problem({self.base!r})"
-
-
-def server_problem(problem):
-    """``problem`` with an extra node for the server of :func:`asgrad` (the last node).
-
-    Worker ``i`` keeps shard ``i``; the loss and gradient norm stay the workers' average.
-
-    Args:
-      problem: a :class:`jaxasync.Problem` with one shard per worker.
-
-    Returns:
-      A problem-like object with ``num_nodes = problem.num_nodes + 1`` for the executors.
-    """
-    if not hasattr(problem, "num_nodes") or not hasattr(problem, "sample"):
-        raise TypeError(f"server_problem expects a jaxasync.Problem, got {type(problem).__name__}")
-    return _ServerProblem(problem)
-
-
 def _check_optimizer(learning_rate, optimizer, name: str):
     if (learning_rate is None) == (optimizer is None):
         raise ValueError(f"{name}: pass exactly one of learning_rate and optimizer.")
@@ -140,14 +91,13 @@ def _check_optimizer(learning_rate, optimizer, name: str):
     return optimizer
 
 
-def _spec(params: PyTree) -> PyTree:
-    """Arrays / ShapeDtypeStructs -> zero arrays (the template of a message payload)."""
-    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+def _job_payload(params: PyTree) -> PyTree:
+    """A model-shaped pytree (snapshot or gradient) and an int32 iteration."""
+    return program_lib.like_params(params), jax.ShapeDtypeStruct((), jnp.int32)
 
 
 def asgrad(
     *,
-    params: PyTree,
     num_workers: int,
     policy: str = "pure",
     learning_rate: float | None = None,
@@ -176,13 +126,12 @@ def asgrad(
     default capacity (1 for ``pure``). A smaller ``queue_capacity`` saves memory; a job arriving at a
     full queue is dropped and counted in ``queue_overflow`` (the system then has one job fewer).
 
-    Nodes ``0 .. num_workers - 1`` are workers (shard ``i``), node ``num_workers`` is the server; build
-    the problem with :func:`server_problem`. ``evaluate`` is the server's model. Metrics:
+    Nodes ``0 .. num_workers - 1`` are workers (shard ``i`` of a problem with ``num_workers`` shards),
+    node ``num_workers`` is the data-less server. ``evaluate`` is the server's model. Metrics:
     ``staleness_mean`` / ``staleness_max`` (the delays ``tau_t`` the server applied), ``jobs_min`` /
     ``jobs_max`` (jobs assigned per worker), ``queue_overflow``, ``server_iterations``.
 
     Args:
-      params: the model parameters (arrays or ``jax.ShapeDtypeStruct``), giving message shapes.
       num_workers: number of workers ``n >= 1``.
       policy: ``"pure"``, ``"random"``, ``"shuffled"`` or ``"shuffle_once"``.
       learning_rate: constant step ``gamma`` (plain SGD on the server); or
@@ -197,10 +146,12 @@ def asgrad(
 
     Example:
       >>> import jaxasync as ja
-      >>> problem = ja.Problem(loss, x0, shards, batch_size=8)                  # doctest: +SKIP
-      >>> prog = asgrad(params=x0, num_workers=len(shards), policy="shuffled",
-      ...               learning_rate=0.05)                                      # doctest: +SKIP
-      >>> trace = ja.simulate(prog, server_problem(problem), steps=2000)       # doctest: +SKIP
+      >>> prog = asgrad(num_workers=4, policy="shuffled", learning_rate=0.05)
+      >>> prog.num_nodes, prog.num_servers
+      (5, 1)
+      >>> speeds = ja.fixed([1.0, 2.0, 3.0, 4.0, 1.0])  # 4 workers, then the server (unused)
+      >>> problem = ja.Problem(loss, x0, four_shards, batch_size=8)  # doctest: +SKIP
+      >>> trace = ja.simulate(prog, problem, ja.Asynchrony(compute_time=speeds), steps=2000)  # doctest: +SKIP
 
     References:
       Islamov, Safaryan and Alistarh, "AsGrad: a sharp unified analysis of asynchronous-SGD
@@ -221,19 +172,12 @@ def asgrad(
         queue_capacity = 1 if policy == "pure" else num_workers
     if isinstance(queue_capacity, bool) or not isinstance(queue_capacity, int) or queue_capacity < 1:
         raise ValueError(f"asgrad: queue_capacity must be a positive int, got {queue_capacity!r}")
-    template = _spec(params)
-    if not jax.tree.leaves(template):
-        raise ValueError("asgrad: params has no arrays")
     n, server, cap = num_workers + 1, num_workers, queue_capacity
 
     jobs_adj = np.zeros((n, n), bool)
     jobs_adj[server, :server] = True
-    job_ch = program_lib.Channel(
-        topology_lib.Graph(jobs_adj, name="jobs"), (template, jnp.zeros((), jnp.int32))
-    )
-    grad_ch = program_lib.Channel(
-        topology_lib.Graph(jobs_adj.T.copy(), name="grads"), (template, jnp.zeros((), jnp.int32))
-    )
+    job_ch = program_lib.Channel(topology_lib.Graph(jobs_adj, name="jobs"), _job_payload)
+    grad_ch = program_lib.Channel(topology_lib.Graph(jobs_adj.T.copy(), name="grads"), _job_payload)
 
     def init(node, params, key):
         node = jnp.asarray(node, jnp.int32)
@@ -338,12 +282,12 @@ def asgrad(
         evaluate=evaluate,
         metrics=metrics,
         num_nodes=n,
+        num_servers=1,
     )
 
 
 def ps_asgd(
     *,
-    params: PyTree,
     num_workers: int,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
@@ -358,7 +302,6 @@ def ps_asgd(
       Dean et al., "Large scale distributed deep networks", NeurIPS 2012.
     """
     return asgrad(
-        params=params,
         num_workers=num_workers,
         policy="pure",
         learning_rate=learning_rate,
@@ -369,7 +312,6 @@ def ps_asgd(
 
 def delay_adaptive_asgd(
     *,
-    params: PyTree,
     num_workers: int,
     learning_rate: float,
     smoothness: float | None = None,
@@ -384,7 +326,6 @@ def delay_adaptive_asgd(
     :func:`jaxasync._src.transforms.scale_by_staleness` chained after ``optax.sgd``.
 
     Args:
-      params: the model parameters (for message shapes).
       num_workers: ``n``.
       learning_rate: the base step ``gamma``.
       smoothness: ``L`` if known.
@@ -407,7 +348,6 @@ def delay_adaptive_asgd(
         learning_rate=None if smoothness is None else learning_rate,
     )
     prog = asgrad(
-        params=params,
         num_workers=num_workers,
         policy="pure",
         learning_rate=learning_rate,

@@ -88,7 +88,6 @@ def _shift_right(m: jax.Array, k: jax.Array) -> jax.Array:
 
 def dasgd(
     *,
-    params: PyTree,
     num_nodes: int,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
@@ -123,7 +122,6 @@ def dasgd(
     ``max_i (K - applied_i)`` at the record point (updates a node has not applied yet).
 
     Args:
-      params: the model parameters (arrays or ``jax.ShapeDtypeStruct``), giving message shapes.
       num_nodes: ``n >= 1``.
       learning_rate: constant step ``eta`` (plain SGD arithmetic); or
       optimizer: an Optax transformation run on each node's own gradients.
@@ -133,7 +131,7 @@ def dasgd(
       A :class:`~jaxasync._src.program.NodeProgram`; ``evaluate`` is the average of the live models.
 
     Example:
-      >>> prog = dasgd(params=x0, num_nodes=4, learning_rate=0.05)          # doctest: +SKIP
+      >>> prog = dasgd(num_nodes=4, learning_rate=0.05)
       >>> asynchrony = jaxasync.Asynchrony(delay=jaxasync.exponential(0.5))  # doctest: +SKIP
       >>> trace = jaxasync.simulate(prog, problem, asynchrony, steps=2000)  # doctest: +SKIP
 
@@ -155,11 +153,12 @@ def dasgd(
     if n > 1 and len(topology_lib.roots_of_spanning_trees(graph)) != n:
         raise ValueError(f"dasgd: graph {graph.name!r} must be strongly connected to flood updates")
     flood = not np.array_equal(graph.adjacency, ~np.eye(n, dtype=bool))
-    template = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
-    if not jax.tree.leaves(template):
-        raise ValueError("dasgd: params has no arrays")
-    i32 = jnp.zeros((), jnp.int32)
-    channel = program_lib.Channel(graph, (template, i32, i32))  # (update, origin, origin's seq)
+
+    def payload(params):  # (update, origin, origin's sequence number)
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        return program_lib.like_params(params), i32, i32
+
+    channel = program_lib.Channel(graph, payload)
 
     def init(node, params, key):
         del key  # deterministic
