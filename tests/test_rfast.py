@@ -348,8 +348,14 @@ def test_tree_step_is_divided_by_n():
     pull, push = topology.out_tree(4), topology.in_tree(4)
     x0 = jnp.zeros(D)
     batch = {"a": jnp.eye(D), "b": jnp.ones(D)}
-    for effective, expected in ((True, 0.1 / 4), (False, 0.1)):
-        prog = rfast_lib.rfast(pull, push, params=x0, learning_rate=0.1, effective_step=effective)
+    cases = [
+        (dict(learning_rate=0.1), 0.1 / 4),
+        (dict(optimizer=optax.sgd(0.1)), 0.1 / 4),  # the optimizer is followed by the same scaling
+        (dict(learning_rate=0.1, effective_step=False), 0.1),
+        (dict(optimizer=optax.sgd(0.1), effective_step=False), 0.1),
+    ]
+    for kwargs, expected in cases:
+        prog = rfast_lib.rfast(pull, push, params=x0, **kwargs)
         state = prog.init(jnp.int32(0), x0, jax.random.key(0))  # the root: keeps all its mass
         state, _ = prog.step(state, _lsq_grad, batch, jax.random.key(0))
         # y = x - gamma z with z = c_00 g = g (the root pushes nothing) and g = -b / D.

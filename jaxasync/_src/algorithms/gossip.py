@@ -110,10 +110,6 @@ def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
     return jax.tree.map(lambda t, p: jnp.asarray(t, jnp.result_type(p)), tree, like)
 
 
-def _select(pred, a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
-
-
 def _descend(opt, direction, opt_state, params):
     """``params + opt.update(direction)`` in the params' dtypes."""
     updates, opt_state = opt.update(_cast_like(direction, params), opt_state, params)
@@ -212,18 +208,18 @@ def allreduce_sgd(
         grads = jax.tree.map(lambda b, g: b.at[sender, parity].set(g.astype(b.dtype)), state.grads, grad)
         return state._replace(grads=grads, grad_round=state.grad_round.at[sender, parity].set(k))
 
-    def try_advance(state):
-        k = state.count
-        parity = k % 2
-        done = state.waiting & jnp.all(state.grad_round[:, parity] == k)
+    def advance(state):
+        parity = state.count % 2
+        # Sum in node order: every node computes the bit-identical average.
         mean = jax.tree.map(lambda b: jnp.sum(b[:, parity], axis=0) / n, state.grads)
         x, opt_state = _descend(opt, mean, state.opt_state, state.x)
-        return state._replace(
-            x=_select(done, x, state.x),
-            opt_state=_select(done, opt_state, state.opt_state),
-            count=k + done.astype(jnp.int32),
-            waiting=state.waiting & ~done,
-        )
+        return state._replace(x=x, opt_state=opt_state, count=state.count + 1, waiting=jnp.asarray(False))
+
+    def try_advance(state):
+        if n == 1:  # alone, the own gradient completes the round: plain `opt`, no branch
+            return advance(state)
+        done = state.waiting & jnp.all(state.grad_round[:, state.count % 2] == state.count)
+        return jax.lax.cond(done, advance, lambda s: s, state)
 
     def step(state, grad_fn, batch, key):
         del key  # the minibatch is the only randomness
@@ -294,28 +290,28 @@ def dpsgd(
 
     Round ``k`` of node ``i``: compute the gradient at ``x_i^k``, send ``x_i^k`` to the
     out-neighbours (message ``seq = k``), wait (``ready`` is False) until every in-neighbour's
-    ``x_j^k`` is in, then mix and step. A neighbour can be at most one round ahead on an undirected
-    graph, so two buffers per in-slot (round parity) suffice; on a directed graph a node that gets
-    more than one round ahead of a receiver overwrites a buffer the receiver still needs, so use
-    undirected graphs (the default Metropolis weights require one).
+    ``x_j^k`` is in, then mix and step. The graph must be undirected: then a neighbour is at most
+    one round ahead (it needs this node's round-``k`` model to leave round ``k``), so two buffers
+    per in-slot, indexed by round parity, suffice. (On a directed graph a node could run several
+    rounds ahead of a receiver and overwrite a model the receiver still needs.)
 
     Args:
       params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
-      graph: the communication graph (edge ``j -> i``: ``i`` mixes ``x_j``).
+      graph: an undirected communication graph.
       learning_rate: SGD step size ``eta``; or
       optimizer: any Optax transformation of the local gradient.
       weights: ``[n, n]`` row-stochastic ``W[receiver, sender]`` supported on the graph (doubly
-        stochastic keeps the network average); default `metropolis_weights` (needs an undirected
-        graph).
+        stochastic keeps the network average); default `metropolis_weights`.
 
     Returns:
       A :class:`NodeProgram` named ``"dpsgd"`` with one channel ``"x"``.
 
     Raises:
       TypeError: ``graph`` is not a Graph.
-      ValueError: bad weights, a directed graph without weights, or the optimizer arguments.
+      ValueError: a directed graph, bad weights, or the optimizer arguments.
 
     Example:
+      >>> from jaxasync import topology
       >>> prog = dpsgd(topology.ring(4), learning_rate=0.1, params=jnp.zeros(3))
 
     References:
@@ -325,6 +321,8 @@ def dpsgd(
     """
     name = "dpsgd"
     graph = _check_graph(name, graph)
+    if not graph.is_symmetric:
+        raise ValueError(f"{name}: needs an undirected graph (the round barrier assumes it)")
     opt = _local_optimizer(name, optimizer, learning_rate)
     w = topology_lib.metropolis_weights(graph) if weights is None else np.asarray(weights, np.float64)
     topology_lib.check_row_stochastic(w, graph)
@@ -346,19 +344,17 @@ def dpsgd(
             opt_state=opt.init(params),
         )
 
-    def try_advance(state):
-        i, k = state.node, state.count
-        parity = k % 2
-        have = jnp.all(jnp.where(in_mask[i], state.v_round[:, parity] == k, True))
-        done = state.waiting & have
-        current = jax.tree.map(lambda v: v[:, parity], state.v)
+    def advance(state):
+        i = state.node
+        current = jax.tree.map(lambda v: v[:, state.count % 2], state.v)
         mixed = mixing_lib.pull_mix_node(self_w[i], nbr_w[i], state.x, current)
         x = jax.tree.map(jnp.add, mixed, state.update)
-        return state._replace(
-            x=_select(done, x, state.x),
-            count=k + done.astype(jnp.int32),
-            waiting=state.waiting & ~done,
-        )
+        return state._replace(x=x, count=state.count + 1, waiting=jnp.asarray(False))
+
+    def try_advance(state):
+        i, k = state.node, state.count
+        have = jnp.all(jnp.where(in_mask[i], state.v_round[:, k % 2] == k, True))
+        return jax.lax.cond(state.waiting & have, advance, lambda s: s, state)
 
     def step(state, grad_fn, batch, key):
         del key  # the minibatch is the only randomness
@@ -449,6 +445,7 @@ def adpsgd(
       ValueError: a directed graph, or the optimizer arguments.
 
     Example:
+      >>> from jaxasync import topology
       >>> prog = adpsgd(topology.ring(4), learning_rate=0.1, params=jnp.zeros(3))
 
     References:
@@ -580,6 +577,7 @@ def sgp(
       ValueError: the optimizer arguments.
 
     Example:
+      >>> from jaxasync import topology
       >>> prog = sgp(topology.exponential(8), learning_rate=0.1, params=jnp.zeros(3))
 
     References:

@@ -180,6 +180,7 @@ def rfast(
         ``learning_rate`` / ``optimizer``, or a non-positive learning rate.
 
     Example:
+      >>> from jaxasync import topology
       >>> ring = topology.directed_ring(8)
       >>> prog = rfast(ring, ring, learning_rate=0.02, params=jnp.zeros(5))
       >>> trace = simulate(prog, problem, Asynchrony(loss=0.3), steps=8000)  # doctest: +SKIP
