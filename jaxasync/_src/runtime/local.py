@@ -87,6 +87,12 @@ def _check_args(algorithm, problem, workers, asynchrony, steps, time_limit, buff
             f"{algorithm.name}: {workers} workers requested but the algorithm's topology has only "
             f"{algorithm.num_nodes} nodes"
         )
+    for cname, ch in sorted(algorithm.channels.items()):
+        if workers > ch.graph.n:
+            raise ValueError(
+                f"{algorithm.name}: {workers} workers requested but the topology of channel "
+                f"{cname!r} has only {ch.graph.n} nodes"
+            )
     algorithm.check_nodes(workers)
     if not hasattr(problem, "num_nodes") or not hasattr(problem, "sample"):
         raise TypeError(f"problem must be a jaxasync.Problem, got {type(problem).__name__}")
@@ -545,6 +551,7 @@ def run(
     mailbox_capacity: int | None = None,
     transport: Any = "shm",
     progress: bool | None = None,
+    callback=None,
     start_timeout: float = 300.0,
 ):
     """Runs ``algorithm`` on ``problem`` with one real process per node and returns a :class:`Trace`.
@@ -565,6 +572,8 @@ def run(
       mailbox_capacity: messages per mailbox (default: up to 64 and 8 MiB).
       transport: ``"shm"`` or a transport class (see :mod:`.transport`).
       progress: draw a progress bar on stderr (default: only if stderr is a terminal).
+      callback: optional ``callback(record) -> bool | None`` called with each record (a dict of the
+        metrics at that point); returning True stops the run (early stopping, live plots).
       start_timeout: seconds the workers may take to import jax and compile their handlers.
 
     Returns:
@@ -634,6 +643,9 @@ def run(
             records.append(rec)
             return rec
 
+        def wants_stop(rec):
+            return bool(callback is not None and callback(dict(rec)))
+
         ctrl.store(W.START, 1)
         t0 = time.perf_counter()
         bar.start = time.monotonic()
@@ -641,7 +653,8 @@ def run(
         rec = record(0.0)
         next_record = record_every
         try:
-            while True:
+            stop_now = wants_stop(rec)
+            while not stop_now:
                 now = time.perf_counter() - t0
                 for i in session.check(now, tolerate_crashes=algorithm.crash_tolerant):
                     crashed[i] = now
@@ -664,6 +677,8 @@ def run(
                     rec = record(now)
                     next_record = now + record_every
                     if target_loss is not None and rec["loss"] <= target_loss:
+                        break
+                    if wants_stop(rec):
                         break
                 bar.update(
                     done if steps is not None else round(now, 1),

@@ -1,0 +1,362 @@
+"""The local multi-process runtime: real workers on shared memory.
+
+Every multi-process test is bounded twice: by the run's own ``time_limit`` / ``steps`` and by an
+alarm that fails the test if anything hangs. After each test no shared-memory segment created by this
+process and no child process may be left. Process start-up (jax import and compilation, ~5 s per
+run on two cores) dominates, so each run checks several things. The table of every algorithm's
+convergence is opt-in with ``-m slow``. No test asserts on timings.
+"""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+import os
+import signal
+import sys
+from typing import NamedTuple
+
+import cloudpickle
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxasync as ja
+from jaxasync._src import program as program_lib
+from jaxasync._src import simulator
+from jaxasync._src.runtime import local
+from jaxasync._src.runtime import transport as transport_lib
+
+sys.path.insert(0, os.path.dirname(__file__))
+import test_simulator  # noqa: E402  (the test-local gossip program and problem)
+
+# Workers get programs by value: they need not import the test modules.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+cloudpickle.register_pickle_by_value(test_simulator)
+
+_gossip, _problem = test_simulator._gossip, test_simulator._problem
+DEADLINE = 240  # seconds for any one test (start-up is slow on a loaded 2-core machine)
+
+
+def _ours() -> set:
+    prefix = f"jaxasync-{os.getpid()}-"
+    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
+
+
+@pytest.fixture(autouse=True)
+def clean_and_bounded():
+    """Fails a test that hangs; checks that no segment and no child process is left behind."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"test did not finish within {DEADLINE}s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(DEADLINE)
+    before = _ours()
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert _ours() - before == set(), "shared-memory segments left behind"
+    assert multiprocessing.active_children() == [], "worker processes left behind"
+
+
+def _algorithm(module: str, name: str):
+    mod = pytest.importorskip(f"jaxasync._src.algorithms.{module}")
+    if not hasattr(mod, name):
+        pytest.skip(f"{module}.{name} is not available yet")
+    return getattr(mod, name)
+
+
+def _build(fn, *args, **kwargs):
+    """Calls an algorithm factory, dropping keyword arguments its (evolving) signature lacks."""
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------- programs for the tests
+
+
+class _CountState(NamedTuple):
+    x: jax.Array
+    node: jax.Array
+    count: jax.Array
+
+
+def _boom(node, count):
+    if int(node) == 1 and int(count) == 5:
+        raise ValueError("boom: node 1 failed on purpose at its step 5")
+
+
+def _faulty(lr=0.05):
+    """Local SGD whose node 1 raises (through a host callback) at its 6th step."""
+
+    def init(node, params, key):
+        del key
+        return _CountState(params, jnp.asarray(node, jnp.int32), jnp.int32(0))
+
+    def step(state, grad_fn, batch, key):
+        del key
+        jax.debug.callback(_boom, state.node, state.count)
+        x = state.x - lr * grad_fn(state.x, batch)
+        return state._replace(x=x, count=state.count + 1), ja.Emit()
+
+    return ja.NodeProgram("faulty", init, step, lambda s: s.x)
+
+
+class _NoSharedMemory(transport_lib.ShmTransport):
+    """Stands for a transport between hosts (MPI): messages only."""
+
+    provides_shared_memory = False
+
+
+# ------------------------------------------------------------------------- no processes
+
+
+def test_codec_roundtrip_is_exact_for_every_dtype():
+    tree = {
+        "f": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "bf": jnp.asarray([1.5, -2.25], jnp.bfloat16),
+        "i": np.int32(-7),
+        "u": np.array([1, 255], np.uint8),
+        "k": jax.random.split(jax.random.key(3), 2),
+    }
+    codec = transport_lib.Codec(tree)
+    buf = codec.encode(codec.host_leaves(tree))
+    assert buf.dtype == np.uint8 and buf.shape == (codec.size,)
+    back = codec.decode(buf)
+    for k in ("f", "bf", "i", "u"):
+        np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(tree[k]))
+        assert np.asarray(back[k]).dtype == np.asarray(tree[k]).dtype
+    np.testing.assert_array_equal(jax.random.key_data(back["k"]), jax.random.key_data(tree["k"]))
+    # A stack of messages decodes with a leading axis.
+    two = np.stack([buf, buf])
+    assert codec.decode(two, (2,))["f"].shape == (2, 2, 3)
+
+
+def test_shm_transport_delivers_in_order_and_reports_full():
+    ring = ja.topology.ring(3)
+    t = transport_lib.ShmTransport.create([ring], [8], capacity=2)
+    try:
+        names = set(t.names)
+        assert len(names) == 6  # one mailbox per directed edge
+        a, b = t.endpoint(0), t.endpoint(1)
+        msgs = [np.full(8, i, np.uint8) for i in range(3)]
+        assert a.send(0, 1, 0, msgs[0]) and a.send(0, 1, 1, msgs[1])
+        assert not a.send(0, 1, 2, msgs[2])  # full: the caller decides to retry or drop
+        got = list(b.poll())
+        assert [(m.channel, m.src, m.seq) for m in got] == [(0, 0, 0), (0, 0, 1)]
+        slot = int(np.asarray(ring.out_recv_slot).reshape(3, -1)[0][list(ring.out_table[0]).index(1)])
+        assert {m.slot for m in got} == {slot}
+        np.testing.assert_array_equal(got[1].payload, msgs[1])
+        assert list(b.poll()) == []
+        a.close()
+        b.close()
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        # More workers than the nodes of the program's topology.
+        (lambda: (_gossip(ja.topology.ring(3)), _problem(4), dict(workers=4)), "only 3 nodes"),
+        # A problem with fewer shards than workers.
+        (lambda: (_gossip(ja.topology.ring(4)), _problem(2), dict(workers=4)), "2 data shard"),
+        # An algorithm that needs shared memory on a transport without it.
+        (
+            lambda: (
+                _algorithm("shared_memory", "hogwild")(learning_rate=0.1),
+                _problem(2),
+                dict(workers=2, transport=_NoSharedMemory),
+            ),
+            "needs shared memory",
+        ),
+        (lambda: (_gossip(ja.topology.ring(2)), _problem(2), dict(workers=2, steps=None)), "steps"),
+        (
+            lambda: (_gossip(ja.topology.ring(2)), _problem(2), dict(workers=2, buffer_mode="lazy")),
+            "buffer_mode",
+        ),
+        (
+            lambda: (_gossip(ja.topology.ring(2)), _problem(2), dict(workers=2, transport="carrier")),
+            "unknown transport",
+        ),
+        (
+            lambda: (
+                _gossip(ja.topology.ring(2)),
+                _problem(2),
+                dict(workers=2, asynchrony=ja.Asynchrony(crashes={5: 1.0})),
+            ),
+            "unknown node",
+        ),
+    ],
+)
+def test_bad_input_fails_before_anything_is_spawned(make, match):
+    program, problem, kwargs = make()
+    kwargs = {"steps": 10, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        local.run(program, problem, **kwargs)
+    assert multiprocessing.active_children() == []
+
+
+# ------------------------------------------------------------------------- real runs
+
+
+def test_gossip_converges_counts_messages_and_injects_loss():
+    asyn = ja.Asynchrony(loss=0.2, stragglers={0: 3.0})
+    tr = local.run(_gossip(ja.topology.ring(3)), _problem(3), workers=3, asynchrony=asyn, steps=600)
+    # Steps are claimed on a shared counter: exactly `steps` ran.
+    assert tr["steps"][-1] == 600 and tr["node_steps"][-1].sum() == 600
+    assert tr["node_steps"].shape == (len(tr["time"]), 3)
+    # Each step broadcasts to both ring neighbours; every message is accounted for.
+    assert tr["sent"][-1] == 2 * 600
+    np.testing.assert_array_equal(tr["sent"], tr["lost"] + tr["delivered"] + tr["dropped"] + tr["in_flight"])
+    assert 0.12 < tr["lost"][-1] / tr["sent"][-1] < 0.28  # Bernoulli(0.2) over 1200 draws
+    assert tr["bytes_sent"][-1] == tr["sent"][-1] * 3 * 4
+    assert np.all(np.diff(tr["time"]) >= 0) and np.all(np.diff(tr["steps"]) >= 0)
+    assert tr["loss"][-1] < 1e-2 * tr["loss"][0]
+    assert tr.meta["executor"] == "local" and tr.meta["crashed"] == {} and not tr.meta["interrupted"]
+    assert np.all(tr["alive"] == 3)
+
+
+def test_hogwild_survives_a_sigkilled_worker():
+    hogwild = _algorithm("shared_memory", "hogwild")
+    asyn = ja.Asynchrony(crashes={2: 0.3})
+    tr = local.run(
+        hogwild(learning_rate=0.05), _problem(3), workers=3, asynchrony=asyn, time_limit=1.5,
+        record_every=0.1,
+    )
+    assert set(tr.meta["crashed"]) == {"2"}
+    t_crash = tr.meta["crashed"]["2"]
+    assert 0.3 <= t_crash < 1.5
+    assert tr["alive"][0] == 3 and tr["alive"][-1] == 2
+    # The dead worker's counters froze; the survivors kept going and the model converged.
+    after = tr["time"] > t_crash
+    assert after.sum() >= 2
+    assert np.all(tr["node_steps"][after, 2] == tr["node_steps"][-1, 2])
+    assert tr["node_steps"][-1, :2].min() > tr["node_steps"][np.argmax(after), :2].min()
+    assert tr["loss"][-1] < 1e-2 * tr["loss"][0]
+    # Updates to the shared buffer were timestamped.
+    assert np.all(tr["staleness_max"] >= 0) and np.isfinite(tr["staleness_mean"][-1])
+
+
+def test_a_crash_stops_an_algorithm_that_is_not_crash_tolerant():
+    asyn = ja.Asynchrony(crashes={1: 0.2})
+    with pytest.raises(local.WorkerError, match=r"worker 1 .*SIGKILL.*not crash-tolerant"):
+        local.run(_gossip(ja.topology.ring(3)), _problem(3), workers=3, asynchrony=asyn, time_limit=30)
+
+
+def test_a_worker_exception_stops_the_run_with_its_traceback():
+    with pytest.raises(local.WorkerError, match="worker 1 failed") as err:
+        local.run(_faulty(), _problem(2), workers=2, time_limit=60)
+    assert "boom: node 1 failed on purpose" in str(err.value)
+    assert "Traceback" in str(err.value)
+
+
+def test_sigint_returns_the_partial_trace():
+    def interrupt(record):
+        if record["time"] > 0.3:
+            # Ctrl-C in a terminal reaches the workers too: they ignore it, the parent stops them.
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    tr = local.run(
+        _gossip(ja.topology.ring(2)), _problem(2), workers=2, time_limit=60, record_every=0.1,
+        callback=interrupt,
+    )
+    assert tr.meta["interrupted"]
+    assert tr["time"][-1] < 30 and len(tr["time"]) >= 2
+    assert tr["steps"][-1] > 0 and tr["loss"][-1] < tr["loss"][0]
+
+
+# ------------------------------------------------------------------------- replay
+
+
+def _replay_case(name):
+    topo = ja.topology
+    if name == "gossip":
+        return _gossip(topo.ring(3)), _problem(3), ja.Asynchrony(delay=ja.exponential(0.5), loss=0.2)
+    if name == "rfast":
+        rfast = _algorithm("rfast", "rfast")
+        ring = topo.directed_ring(3) if hasattr(topo, "directed_ring") else topo.ring(3)
+        prog = _build(rfast, ring, ring, params=jnp.zeros(3), learning_rate=0.05)
+        return prog, _problem(3), ja.Asynchrony(delay=ja.exponential(0.5), loss=0.2)
+    if name == "asgrad":
+        asgrad = _algorithm("asgrad", "asgrad")
+        prog = _build(asgrad, params=jnp.zeros(3), num_workers=2, policy="shuffled", learning_rate=0.1)
+        return prog, _problem(2), ja.Asynchrony(delay=ja.exponential(0.5))
+    if name == "sparsified_sgd":
+        sparsified = _algorithm("shared_memory", "sparsified_sgd")
+        return sparsified(density=0.34, learning_rate=0.1), _problem(2), ja.Asynchrony()
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["gossip", "rfast", "asgrad", "sparsified_sgd"])
+def test_replay_ends_in_the_simulators_parameters(name):
+    program, problem, asyn = _replay_case(name)
+    rec = simulator.record(program, problem, asyn, steps=40, seed=3)
+    kinds = set(np.unique(rec.events.kind).tolist())
+    assert 0 in kinds  # steps ...
+    if program.channels:
+        assert kinds - {0}  # ... and deliveries were replayed
+    out = local.replay(program, problem, rec, timeout=120)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), out.node_params, rec.node_params
+    )
+    for k, v in rec.shared.items():
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), out.shared[k], v)
+
+
+# ------------------------------------------------------------------------- every algorithm
+
+
+def _convergence_case(name):
+    topo = ja.topology
+    p0 = jnp.zeros(3)
+    if name == "hogwild":
+        return _algorithm("shared_memory", "hogwild")(learning_rate=0.05), 2
+    if name == "hogwild_racy":
+        return _algorithm("shared_memory", "hogwild")(learning_rate=0.05), 2
+    if name == "sparsified_sgd":
+        return _algorithm("shared_memory", "sparsified_sgd")(density=0.34, learning_rate=0.05), 2
+    if name == "sgd":
+        return _algorithm("sequential", "sgd")(learning_rate=0.05), 2
+    if name == "asgrad":
+        fn = _algorithm("asgrad", "asgrad")
+        return _build(fn, params=p0, num_workers=2, policy="shuffled", learning_rate=0.05), 2
+    if name == "dasgd":
+        return _build(_algorithm("dasgd", "dasgd"), num_nodes=3, params=p0, learning_rate=0.05), 3
+    if name == "allreduce_sgd":
+        return _build(_algorithm("gossip", "allreduce_sgd"), num_nodes=3, params=p0, learning_rate=0.1), 3
+    if name in ("dpsgd", "adpsgd", "sgp"):
+        return _build(_algorithm("gossip", name), topo.ring(3), params=p0, learning_rate=0.05), 3
+    if name == "rfast":
+        ring = topo.ring(3)
+        return _build(_algorithm("rfast", "rfast"), ring, ring, params=p0, learning_rate=0.05), 3
+    if name == "cluster_sgd":
+        fn = _algorithm("cluster", "cluster_sgd")
+        return _build(fn, [0, 0, 1, 1], params=p0, learning_rate=0.05), 4
+    raise AssertionError(name)
+
+
+ALGORITHMS = [
+    "hogwild", "hogwild_racy", "sparsified_sgd", "sgd", "asgrad", "dasgd", "allreduce_sgd", "dpsgd",
+    "adpsgd", "sgp", "rfast", "cluster_sgd",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_converges_on_real_workers(name, request):
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("the full table is opt-in: pytest -m slow")
+    program, nodes = _convergence_case(name)
+    workers = nodes + getattr(program, "num_servers", 0)
+    mode = "racy" if name.endswith("racy") else "atomic"
+    tr = local.run(program, _problem(nodes), workers=workers, steps=300 * nodes, buffer_mode=mode)
+    assert tr["steps"][-1] == 300 * nodes
+    assert tr["loss"][-1] < 0.05 * tr["loss"][0], (name, tr["loss"])
