@@ -122,9 +122,10 @@ def asgrad(
     * ``shuffle_once``: one permutation reused for every block.
 
     At start every worker holds one job at ``x_0``. Exactly ``num_workers`` jobs exist at any time
-    (each completion creates one), so a queue never holds more than ``num_workers`` jobs: that is the
-    default capacity (1 for ``pure``). A smaller ``queue_capacity`` saves memory; a job arriving at a
-    full queue is dropped and counted in ``queue_overflow`` (the system then has one job fewer).
+    (queued, running, or in flight as a gradient or a job message: each applied gradient creates
+    one), so a queue never holds more than ``num_workers`` jobs: that is the default capacity (1 for
+    ``pure``). A smaller ``queue_capacity`` saves memory; a job arriving at a full queue is dropped
+    and counted in ``queue_overflow`` (the system then has one job fewer).
 
     Nodes ``0 .. num_workers - 1`` are workers (shard ``i`` of a problem with ``num_workers`` shards),
     node ``num_workers`` is the data-less server. ``evaluate`` is the server's model. Metrics:

@@ -105,14 +105,18 @@ def dasgd(
     With ``learning_rate`` the update is ``u = -eta g`` (the paper's gradient broadcast). With an Optax
     ``optimizer`` the node runs it on *its own* gradients only and broadcasts the resulting update, so
     every model stays ``x_0 + sum of the updates it has applied`` and the models still agree once all
-    messages land (optimizer statistics such as Adam moments are per node).
+    messages land (optimizer statistics such as Adam moments are per node). Agreement is up to
+    floating-point rounding: the sender may fuse ``x + u`` into a multiply-add, the receivers add the
+    rounded ``u``, and arrival orders differ.
 
     Messages go to every other node (complete graph, default). On another strongly connected
     ``graph`` updates are flooded: each node relays an update the first time it sees it and drops
     duplicates by ``(origin, sequence number)`` with a 32-update sliding window per origin: an update
     more than 32 ahead of the oldest missing one makes the node give up on the missing ones (counted in
-    ``dasgd_given_up``; such an update is never applied there). Lost messages are never repaired, so
-    message loss makes the models drift apart permanently (the paper assumes reliable delivery).
+    ``dasgd_given_up``; such an update is never applied there). Flooding sends every update once over
+    every edge (``|E|`` messages instead of ``n - 1``): give the simulator a large enough
+    ``pool_size``. Lost messages are never repaired, so message loss makes the models drift apart
+    permanently (the paper assumes reliable delivery).
 
     Staleness (gradient-set metric): with gradients numbered ``k = 0, 1, ...`` in the order they are
     computed, gradient ``k`` was computed on a model holding the set ``A_k`` of earlier updates and
