@@ -59,7 +59,11 @@ def sgd(
       A :class:`~jaxasync._src.program.NodeProgram` for any number of nodes.
 
     Example:
-      >>> prog = sgd(learning_rate=0.1)                                        # doctest: +SKIP
+      >>> prog = sgd(learning_rate=0.1)
+      >>> state = prog.init(0, jnp.ones(2), None)
+      >>> state, _ = prog.step(state, lambda x, b: x, None, None)  # gradient of |x|^2 / 2
+      >>> prog.params(state).tolist()
+      [0.8999999761581543, 0.8999999761581543]
       >>> trace = jaxasync.simulate(prog, one_shard_problem, steps=1000)      # doctest: +SKIP
 
     References:
