@@ -63,7 +63,7 @@ def sgd(
       >>> state = prog.init(0, jnp.ones(2), None)
       >>> state, _ = prog.step(state, lambda x, b: x, None, None)  # gradient of |x|^2 / 2
       >>> prog.params(state).tolist()
-      [0.8999999761581543, 0.8999999761581543]
+      [0.8999999761581421, 0.8999999761581421]
       >>> trace = jaxasync.simulate(prog, one_shard_problem, steps=1000)      # doctest: +SKIP
 
     References:
