@@ -32,12 +32,14 @@ HEADER = pathlib.Path(native_build.HEADER)
 
 
 def _ours() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if re.search(r"jaxasync|^ja[_-]", n)}
+    # Only names made by this process: other programs may use /dev/shm meanwhile.
+    pid = str(os.getpid())
+    return {n for n in os.listdir("/dev/shm") if n.startswith("jaxasync-") and pid in n}
 
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Every test must leave /dev/shm as it found it."""
+    """Every test must leave /dev/shm as it found it (children are checked where used)."""
     before = _ours()
     yield
     assert _ours() - before == set(), "shared-memory segments left behind"
@@ -74,26 +76,56 @@ def _wait_for(cond, what, timeout=DEADLINE):
 # (attach by name).
 
 
-def _fetch_add_worker(arr, m):
-    for _ in range(m):
-        arr.fetch_add(0, 1)
-    for _ in range(m // 4):  # a CAS-loop increment of cell 1
-        seen = arr.load(1)
-        while True:
-            ok, seen = arr.compare_exchange(1, seen, seen + 1)
-            if ok:
-                break
+def _overlapping_loop(ctl, k, parties, min_reps, body):
+    """Runs `body` at least `min_reps` times, until every party has; returns the count.
+
+    Children start slowly and at different times: they meet at a barrier first,
+    then each keeps going until all have done their minimum, so the work of the
+    slowest always overlaps the others'. ctl cells: 0 barrier, 1 parties done,
+    2 + k reps of party k.
+    """
+    ctl.fetch_add(0, 1)
+    while ctl.load(0) < parties:
+        os.sched_yield()
+    reps = 0
+    while reps < min_reps or ctl.load(1) < parties:
+        body(reps)
+        reps += 1
+        if reps == min_reps:
+            ctl.fetch_add(1, 1)
+    ctl.store(2 + k, reps)
 
 
-def _param_worker(buf, reps, mode, seed):
-    rng = np.random.default_rng(seed)
+def _fetch_add_worker(arr, ctl, k, parties):
+    def body(reps):
+        for _ in range(1000):
+            arr.fetch_add(0, 1)
+        for _ in range(250):  # a CAS-loop increment of cell 1
+            seen = arr.load(1)
+            while True:
+                ok, seen = arr.compare_exchange(1, seen, seen + 1)
+                if ok:
+                    break
+
+    _overlapping_loop(ctl, k, parties, 100, body)
+
+
+def _param_worker(buf, mode, ctl, k, parties):
     ones = np.ones(buf.size, np.float32)
-    idx = rng.integers(0, buf.size, 64, dtype=np.int64)  # repeats included
-    for r in range(reps):
-        buf.add(ones, scale=1.0, mode=mode)
-        buf.add_sparse(idx.astype(np.int32) if r % 2 else idx, np.full(64, 2.0, np.float32),
+    idx = _sparse_indices(k, buf.size)
+
+    def body(reps):
+        for _ in range(10):
+            buf.add(ones, scale=1.0, mode=mode)
+        buf.add_sparse(idx.astype(np.int32) if reps % 2 else idx, np.full(idx.size, 2.0, np.float32),
                        mode=mode)
         buf.next_step()
+
+    _overlapping_loop(ctl, k, parties, 2000, body)
+
+
+def _sparse_indices(k, size):
+    return np.random.default_rng(k).integers(0, size, 1024, dtype=np.int64)  # many repeats
 
 
 def _payload(tag, shape):
@@ -146,17 +178,22 @@ def _register_reader(reg, reads, result, slot):
 
 
 def _reader_until_stopped(reg, flags):
-    """Reads until flags[0]; counts torn reads, and reads (and tags) after flags[1]."""
+    """Reads until flags[0] is set, counting torn reads in flags[2].
+
+    In phase flags[1] = p > 0 it counts its reads in flags[2 + 2p] and stores
+    the last tag seen in flags[3 + 2p].
+    """
     out = np.empty(reg.shape, reg.dtype)
-    torn = after = 0
+    torn = 0
+    counts = {1: 0, 2: 0}
     while not flags.load(0):
-        killed = flags.load(1)
+        phase = flags.load(1)
         tag, value = reg.read(out)
         torn += not (value == max(tag, 0)).all()
-        if killed:
-            after += 1
-            flags.store(4, tag)
-            flags.store(3, after)
+        if phase:
+            counts[phase] += 1
+            flags.store(3 + 2 * phase, tag)
+            flags.store(2 + 2 * phase, counts[phase])
     flags.store(2, torn)
 
 
@@ -268,11 +305,14 @@ def test_atomic_array_bad_input():
 
 
 def test_fetch_add_and_cas_from_processes_are_exact():
-    procs, m = 4, 20_000
-    with shm.AtomicArray.create(2) as a:
-        _run(*[CTX.Process(target=_fetch_add_worker, args=(a, m)) for _ in range(procs)])
-        assert a.load(0) == procs * m
-        assert a.load(1) == procs * (m // 4)
+    procs = 3
+    with shm.AtomicArray.create(2) as a, shm.AtomicArray.create(2 + procs) as ctl:
+        _run(*[CTX.Process(target=_fetch_add_worker, args=(a, ctl, k, procs))
+               for k in range(procs)])
+        reps = sum(ctl.load(2 + k) for k in range(procs))
+        assert reps >= 100 * procs
+        assert a.load(0) == 1000 * reps
+        assert a.load(1) == 250 * reps
 
 
 # ----------------------------------------------------------------------------- Register
@@ -350,11 +390,16 @@ def _odd_slot_seq(name: str) -> bool:
 
 
 def test_register_survives_writer_killed_mid_write():
+    # The test process itself only does wait-free things (write, version, atomic
+    # flags); every read that could hang happens in a child with a deadline.
     shape = (1 << 18,)  # 2 MiB per write: a kill almost always lands inside one
     mid_write = False
     for _attempt in range(5):
-        with shm.Register.create(shape, np.int64) as reg, shm.AtomicArray.create(5) as flags:
-            stop = shm.AtomicArray.create(1)
+        with (
+            shm.Register.create(shape, np.int64) as reg,
+            shm.AtomicArray.create(1) as stop,
+            shm.AtomicArray.create(8) as flags,
+        ):
             writer = CTX.Process(target=_register_writer, args=(reg, stop))
             reader = CTX.Process(target=_reader_until_stopped, args=(reg, flags))
             try:
@@ -364,26 +409,24 @@ def test_register_survives_writer_killed_mid_write():
                 os.kill(writer.pid, signal.SIGKILL)
                 writer.join(DEADLINE)
                 mid_write = mid_write or _odd_slot_seq(reg.name)
-                last_tag, last = reg.read()
-                assert (last == last_tag).all() and last_tag == reg.version - 1
+                last_tag = reg.version - 1  # the writer's tags are 0, 1, 2, ...
                 flags.store(1, 1)
-                _wait_for(lambda: flags.load(3) >= 1000, "reads after the kill")  # noqa: B023
-                flags.store(0, 1)
-                reader.join(DEADLINE)
-                assert reader.exitcode == 0, "reader hung or failed after the writer died"
-                assert flags.load(2) == 0  # no torn read, before or after the kill
-                assert flags.load(4) == last_tag  # readers keep the last completed value
+                _wait_for(lambda: flags.load(4) >= 1000, "reads after the kill")  # noqa: B023
+                assert flags.load(5) == last_tag  # readers keep the last completed value
                 # A new writer takes over from the dead one.
                 reg.write(np.full(shape, last_tag + 1, np.int64), last_tag + 1)
-                tag, value = reg.read()
-                assert tag == last_tag + 1 and (value == tag).all()
+                flags.store(1, 2)
+                _wait_for(lambda: flags.load(6) >= 10, "reads after the takeover")  # noqa: B023
+                assert flags.load(7) == last_tag + 1
+                flags.store(0, 1)
+                reader.join(DEADLINE)
+                assert reader.exitcode == 0, "reader hung or failed"
+                assert flags.load(2) == 0  # no torn read before or after the kill
             finally:
                 for p in (writer, reader):
                     if p.is_alive():
                         p.kill()
                         p.join(5)
-                stop.close()
-                stop.unlink()
         if mid_write:
             break
     assert mid_write, "never killed the writer inside a write in 5 attempts"
@@ -483,17 +526,21 @@ def test_param_add_single_writer_is_exact(mode):
 
 
 def test_param_atomic_add_from_processes_is_exact():
-    procs, reps = 3, 200
-    with shm.ParamBuffer.create({"w": np.zeros((40, 25), np.float32),
-                                 "b": np.zeros(7, np.float32)}) as buf:
-        _run(*[CTX.Process(target=_param_worker, args=(buf, reps, "atomic", s))
-               for s in range(procs)])
-        expected = np.full(buf.size, float(procs * reps), np.float32)
-        for s in range(procs):  # the sparse part, replayed
-            idx = np.random.default_rng(s).integers(0, buf.size, 64, dtype=np.int64)
-            np.add.at(expected, idx, np.float32(2.0 * reps))
+    procs = 3
+    with (
+        # Small, so the processes really collide on the same elements.
+        shm.ParamBuffer.create({"w": np.zeros((8, 8), np.float32),
+                                "b": np.zeros(7, np.float32)}) as buf,
+        shm.AtomicArray.create(2 + procs) as ctl,
+    ):
+        _run(*[CTX.Process(target=_param_worker, args=(buf, "atomic", ctl, k, procs))
+               for k in range(procs)])
+        reps = [ctl.load(2 + k) for k in range(procs)]
+        expected = np.full(buf.size, 10.0 * sum(reps), np.float32)
+        for k in range(procs):  # the sparse part, replayed
+            np.add.at(expected, _sparse_indices(k, buf.size), np.float32(2.0 * reps[k]))
         np.testing.assert_array_equal(buf.read(np.empty(buf.size, np.float32)), expected)
-        assert buf.step == procs * reps
+        assert buf.step == sum(reps)
 
 
 def test_param_pytree_round_trip_and_attach_rebuilds_the_tree():
