@@ -244,6 +244,19 @@ def test_sgp_one_peer_is_round_robin_with_half_shares():
     assert peers == [1, 2, 4, 1]  # out-neighbours i + 2^k, in turn
 
 
+@pytest.mark.parametrize("scale", [True, False])
+def test_sgp_step_moves_the_debiased_model_by_the_update(scale):
+    ring = topology.directed_ring(3)
+    prog = gossip.sgp(ring, params=jnp.zeros(D), learning_rate=0.1, scale_by_weight=scale)
+    z0 = jnp.asarray([1.0, 2.0, -1.0])
+    state = prog.init(jnp.int32(0), z0, jax.random.key(0))
+    state = state._replace(x=0.25 * z0, w=jnp.float32(0.25))  # a node holding little weight
+    batch = {"a": jnp.eye(D), "b": jnp.zeros(D)}
+    state, _ = prog.step(state, _lsq_grad, batch, jax.random.key(0))
+    step = -0.1 * _lsq_grad(z0, batch)  # splitting (x, w) leaves z = x / w alone
+    np.testing.assert_allclose(prog.params(state), z0 + (step if scale else step / 0.25), rtol=1e-6)
+
+
 @settings(max_examples=8, deadline=None)
 @given(actions=st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 99)), max_size=50))
 def test_adpsgd_pairwise_averaging_moves_no_mass(actions):

@@ -162,8 +162,8 @@ def allreduce_sgd(
     by round parity, suffice. With one node this is exactly ``optimizer`` on the node's gradients.
 
     Args:
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       num_nodes: ``n``.
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       learning_rate: SGD step size (``optax.sgd``); or
       optimizer: any Optax transformation applied to the averaged gradient.
 
@@ -296,8 +296,8 @@ def dpsgd(
     rounds ahead of a receiver and overwrite a model the receiver still needs.)
 
     Args:
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       graph: an undirected communication graph.
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       learning_rate: SGD step size ``eta``; or
       optimizer: any Optax transformation of the local gradient.
       weights: ``[n, n]`` row-stochastic ``W[receiver, sender]`` supported on the graph (doubly
@@ -432,8 +432,8 @@ def adpsgd(
     of the exchange only.
 
     Args:
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       graph: an undirected communication graph (the reply travels back along the edge).
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       learning_rate: SGD step size ``eta``; or
       optimizer: any Optax transformation of the local gradient.
 
@@ -544,11 +544,12 @@ def sgp(
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
     one_peer: bool = True,
+    scale_by_weight: bool = True,
 ) -> program_lib.NodeProgram:
     r"""Stochastic gradient push: push-sum gossip on a directed graph plus local steps.
 
     .. math::
-        z_i = x_i / w_i, \quad x_i \leftarrow x_i + \mathrm{opt}\big(g_i(z_i)\big), \quad
+        z_i = x_i / w_i, \quad x_i \leftarrow x_i + w_i\, \mathrm{opt}\big(g_i(z_i)\big), \quad
         (x_i, w_i) \leftarrow p_{ii} (x_i, w_i), \quad
         \text{send } p_{ji} (x_i, w_i) \text{ to each out-neighbour } j
 
@@ -562,12 +563,23 @@ def sgp(
     ``k``). With ``one_peer=False`` it splits uniformly over all out-neighbours
     (`topology.push_weights`). A lost message loses its share of the weight and of the model mass.
 
+    Step scaling: the paper adds ``opt(g)`` to the numerator ``x_i``, which moves the model
+    ``z_i = x_i / w_i`` by ``opt(g) / w_i``. In the paper's synchronous rounds on a regular graph
+    every ``w_i`` stays 1; asynchronously a fast node halves its ``w_i`` at every step between two
+    receipts, ``w_i`` falls to ~1e-3 and that amplified step diverges (seen with one 5x straggler
+    at ``eta = 0.05`` on least squares). With ``scale_by_weight=True`` (default) the update is
+    multiplied by ``w_i``, so ``z_i`` moves by exactly ``opt(g)``: the paper's rule whenever
+    ``w_i = 1``, stable otherwise (a slow node, which holds more weight, then counts more in the
+    network sum, offsetting its fewer steps, as in AsySPA). ``scale_by_weight=False`` is the literal
+    rule.
+
     Args:
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       graph: the push graph (edge ``i -> j``: ``i`` sends mass to ``j``).
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       learning_rate: SGD step size ``eta``; or
       optimizer: any Optax transformation of the local gradient.
       one_peer: one round-robin peer per step (True) or all out-neighbours (False).
+      scale_by_weight: multiply the local update by ``w_i`` (see above).
 
     Returns:
       A :class:`NodeProgram` named ``"sgp"`` with one channel ``"push"``.
@@ -615,6 +627,8 @@ def sgp(
         z = _sgp_params(state)
         g = grad_fn(z, batch)
         updates, opt_state = opt.update(_cast_like(g, z), state.opt_state, z)
+        if scale_by_weight:  # move the de-biased z = x / w by the update, whatever w is
+            updates = jax.tree.map(lambda u: u * state.w.astype(u.dtype), updates)
         x = _cast_like(optax.apply_updates(state.x, updates), state.x)
         keep, out = shares(state)
         kept, sent = mixing_lib.push_sum_split(mixing_lib.PushSumState(x, state.w), keep, out)

@@ -82,7 +82,6 @@ def rfast_conservation_error(stacked_states: RFastState, *, robust: bool = True,
     packets; default 0); then ``r`` is minus the mass lost by the network.
 
     Args:
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       stacked_states: `RFastState` with a leading node axis on every leaf.
       robust: which variant produced the states.
       in_flight: non-robust only: pytree like one tracker, the sum of the increments in flight.
@@ -161,9 +160,9 @@ def rfast(
     it receives, so a lost packet loses its tracker mass for good and the trackers drift.
 
     Args:
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       pull: ``G_R``; edge ``j -> i`` means ``i`` pulls ``j``'s value.
       push: ``G_C``; edge ``i -> j`` means ``i`` pushes tracker mass to ``j``.
+      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       learning_rate: effective step size (SGD on the tracker); or
       optimizer: an Optax transformation applied to the tracker ``z`` each local update.
       effective_step: divide the step by ``n u^T v`` so ``learning_rate`` means the same on every
