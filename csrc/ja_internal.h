@@ -16,6 +16,7 @@ _Static_assert(sizeof(long long) == 8 && sizeof(int) == 4, "unexpected integer s
 _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic int64_t) == 8,
                "atomic 64-bit words must have the plain layout");
 _Static_assert(sizeof(_Atomic uint32_t) == sizeof(float), "float and its atomic pattern");
+_Static_assert(sizeof(_Atomic uint64_t) == 2 * sizeof(float), "two floats per 64-bit word");
 _Static_assert(sizeof(ja_header) <= JA_HEADER_SIZE, "header outgrew its reserved space");
 _Static_assert(sizeof(((ja_header *)0)->shape) == JA_MAX_NDIM * sizeof(int64_t),
                "shape[] must hold JA_MAX_NDIM entries");

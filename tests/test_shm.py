@@ -525,6 +525,25 @@ def test_param_add_single_writer_is_exact(mode):
         np.testing.assert_array_equal(buf.read(np.empty(buf.size, np.float32)), ref)
 
 
+@pytest.mark.parametrize("mode", ["racy", "relaxed", "atomic"])
+def test_add_kernels_on_unaligned_pointers_and_odd_lengths(mode):
+    import jaxasync._native as native
+
+    ffi, lib = native.ffi, native.lib
+    code = {"racy": lib.JA_ADD_RACY, "relaxed": lib.JA_ADD_RELAXED, "atomic": lib.JA_ADD_ATOMIC}
+    rng = np.random.default_rng(2)
+    for start in range(3):  # 4-byte offsets: 8-byte aligned or not
+        for n in [0, 1, 2, 3, 4, 5, 17, 64, 101]:
+            dst = rng.standard_normal(n + 8).astype(np.float32)
+            src = rng.standard_normal(n).astype(np.float32)
+            want = dst.copy()
+            want[start : start + n] += np.float32(1.5) * src
+            view = dst[start : start + n]
+            lib.ja_f32_add(ffi.from_buffer("float[]", view), ffi.from_buffer("float[]", src), n,
+                           1.5, code[mode])
+            np.testing.assert_array_equal(dst, want)  # neighbours untouched
+
+
 def test_param_atomic_add_from_processes_is_exact():
     procs = 3
     with (
