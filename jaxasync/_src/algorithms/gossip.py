@@ -20,8 +20,9 @@ algorithm          waits?              what travels
 
 The synchronous ones (``allreduce_sgd``, ``dpsgd``) make a node not ``ready`` until it holds the
 round-``k`` messages of all its in-neighbours; simulated time per round is then the slowest node's
-compute time plus the message delay, with no extra code. They assume reliable channels: a lost
-message stalls its receiver (and then everybody) forever, as a real barrier would.
+compute time plus the message delay, with no extra code. They assume reliable channels and no
+crashes: a lost message or a crashed node stalls its neighbours (and then everybody) forever, as a
+real barrier would.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "allreduce_sgd",
     "dpsgd",
     "sgp",
+    "sgp_total_weight",
 ]
 
 
@@ -425,11 +427,12 @@ def adpsgd(
 
     Approximation of the atomic average: the paper averages ``x_i`` and ``x_j`` atomically. Here
     ``j`` averages with the value ``i`` had when it sent, and ``i`` receives half the difference
-    later. If ``i`` did not move in between, ``i`` ends at ``(x_i + x_j)/2`` exactly (the paper's
-    rule, the brief's "``x_i <- (x_i + x_j^{old})/2``"); if it took steps meanwhile, they are kept in
-    full on top of the average, and ``x_i + x_j`` is changed only by the gradient steps — as in the
-    atomic version. A lost ``"avg"`` message skips one averaging; a lost reply leaves ``j``'s half
-    of the exchange only.
+    later, so ``i`` ends at ``(x_i^{sent} + x_j)/2`` plus every local step it took since sending
+    (this step's included): the atomic average followed by the steps, as in the paper, and
+    ``x_i + x_j`` changes only by the gradient steps. (Replying ``x_j`` and setting
+    ``x_i <- (x_i + x_j)/2`` on receipt would halve those steps.) The average uses ``j``'s value at
+    receipt, up to one message delay later than the paper's. A lost ``"avg"`` message skips one
+    averaging; a lost reply leaves ``j``'s half of the exchange only.
 
     Args:
       graph: an undirected communication graph (the reply travels back along the edge).
