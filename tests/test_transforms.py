@@ -425,3 +425,18 @@ def test_staleness_requires_delay_in_a_chain():
   opt = optax.chain(optax.sgd(0.1), transforms.scale_by_staleness("inverse"))
   with pytest.raises(TypeError, match="delay"):
     opt.update(jnp.ones(2), opt.init(jnp.ones(2)), jnp.ones(2))
+
+
+@pytest.mark.parametrize("algorithm", ["top_k", "bisect"])
+def test_sparsify_vmaps_over_nodes(algorithm):
+  # Simulators vmap node programs: a batch of states (own keys) gives the per-node results.
+  params = _params()
+  tx = transforms.sparsify(0.25, method="randk", algorithm=algorithm)
+  states = jax.vmap(lambda key: tx.init(params)._replace(key=key))(
+      jax.random.split(jax.random.PRNGKey(7), 3))
+  grads = jax.vmap(lambda t: _grads(params, t))(jnp.arange(3.0))
+  sent, new_states = jax.jit(jax.vmap(tx.update))(grads, states)
+  for i in range(3):
+    one = jax.tree.map(lambda x, i=i: x[i], (grads, states))
+    ref = jax.jit(tx.update)(*one)
+    _assert_bitwise_equal([jax.tree.map(lambda x, i=i: x[i], (sent, new_states))], [ref])

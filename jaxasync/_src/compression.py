@@ -68,8 +68,8 @@ __all__ = [
 
 PyTree = Any
 
-_ALGORITHMS = ("auto", "top_k", "bisect")
-_METHODS = ("topk", "randk")
+ALGORITHMS = ("auto", "top_k", "bisect")  # Selection algorithms (module constant, not exported).
+METHODS = ("topk", "randk")
 _AUTO_BISECT_MIN_SIZE = 2**14
 
 
@@ -108,7 +108,7 @@ def k_from_density(d: int, density: float) -> int:
     >>> compression.k_from_density(1000, 0.01)
     10
   """
-  _check_density(density)
+  check_density(density)
   d = int(d)
   if d < 1:
     raise ValueError(f"k_from_density: d must be >= 1, got {d}.")
@@ -117,7 +117,8 @@ def k_from_density(d: int, density: float) -> int:
   return min(d, max(1, k))
 
 
-def _check_density(density) -> None:
+def check_density(density) -> None:
+  """Raises ``TypeError`` / ``ValueError`` unless ``density`` is a real number in ``(0, 1]``."""
   if isinstance(density, bool) or not isinstance(density, (int, float, np.floating, np.integer)):
     raise TypeError(
         f"density must be a Python float in (0, 1], got {density!r} of type "
@@ -136,8 +137,8 @@ def _check_k(k, d: int, where: str) -> int:
 
 
 def _check_algorithm(algorithm: str) -> None:
-  if algorithm not in _ALGORITHMS:
-    raise ValueError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}.")
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}.")
 
 
 def _select_bisect(scores: jax.Array, k: int) -> jax.Array:
@@ -358,10 +359,10 @@ def compress_tree(
     >>> dense["w"].tolist(), dense["b"].tolist(), sparse.indices.tolist()
     ([[0.0, -4.0], [0.0, 0.0]], [3.0], [0, 2])
   """
-  _check_density(density)
+  check_density(density)
   _check_algorithm(algorithm)
-  if method not in _METHODS:
-    raise ValueError(f"method must be one of {_METHODS}, got method={method!r}.")
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got method={method!r}.")
   if method == "randk" and key is None:
     raise ValueError("compress_tree: method='randk' needs a PRNG key.")
   if method == "topk" and scale:

@@ -43,7 +43,6 @@ __all__ = [
 
 PyTree = Any
 
-_METHODS = ("topk", "randk")
 _RULES = ("delay_adaptive", "inverse", "exponential", "none")
 
 
@@ -77,9 +76,9 @@ class _SparsifyConfig(NamedTuple):
 
 
 def _sparsify_config(density, method, error_feedback, per_leaf, scale, algorithm):
-  compression._check_density(density)  # pylint: disable=protected-access
-  if method not in _METHODS:
-    raise ValueError(f"sparsify: method must be one of {_METHODS}, got method={method!r}.")
+  compression.check_density(density)
+  if method not in compression.METHODS:
+    raise ValueError(f"sparsify: method must be one of {compression.METHODS}, got method={method!r}.")
   if scale and method != "randk":
     raise ValueError("sparsify: scale=True only applies to method='randk'.")
   if scale and error_feedback:
@@ -87,10 +86,9 @@ def _sparsify_config(density, method, error_feedback, per_leaf, scale, algorithm
         "sparsify: scale=True (unbiased rand-k, d/k times larger entries) is not a contraction, "
         "so error feedback can diverge with it; use scale=False with error_feedback=True, or "
         "error_feedback=False with scale=True.")
-  if algorithm not in compression._ALGORITHMS:  # pylint: disable=protected-access
+  if algorithm not in compression.ALGORITHMS:
     raise ValueError(
-        f"sparsify: algorithm must be one of {compression._ALGORITHMS}, "  # pylint: disable=protected-access
-        f"got algorithm={algorithm!r}.")
+        f"sparsify: algorithm must be one of {compression.ALGORITHMS}, got algorithm={algorithm!r}.")
   return _SparsifyConfig(float(density), method, bool(error_feedback), bool(per_leaf),
                          bool(scale), algorithm)
 
