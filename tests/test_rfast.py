@@ -204,6 +204,11 @@ def lossy_runs():
     for robust in (True, False):
         prog = rfast_lib.rfast(ring, ring, params=problem.init_params, learning_rate=0.1, robust=robust)
         traces[robust] = simulator.simulate(prog, problem, asynchrony, steps=1600, seed=0, record_every=160)
+    # Parameter-server-like pair: pull down the out-tree from 0, push up the in-tree to 0.
+    tree = rfast_lib.rfast(
+        topology.out_tree(8), topology.in_tree(8), params=problem.init_params, learning_rate=0.1
+    )
+    traces["tree"] = simulator.simulate(tree, problem, asynchrony, steps=1600, seed=0, record_every=160)
     return traces
 
 
@@ -220,6 +225,13 @@ def test_converges_under_packet_loss_where_the_nonrobust_variant_drifts(lossy_ru
     # float32 round-off on running sums that grow with time: small against gradients of O(1).
     assert np.all(robust["conservation_error"] < 1e-2)
     assert naive["conservation_error"][-1] > 1.0
+
+
+def test_converges_under_packet_loss_on_trees_with_a_common_root(lossy_runs):
+    # All tracker mass flows to the root; the effective-step scaling (gamma = lr / n) keeps it stable.
+    tree = lossy_runs["tree"]
+    assert tree["lost"][-1] > 0.2 * tree["sent"][-1]
+    assert tree["gap"][-1] < 0.01 * tree["gap"][0]
 
 
 # ---------------------------------------------------------------------------------------
