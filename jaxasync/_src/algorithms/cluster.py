@@ -196,7 +196,6 @@ def _flat32(tree: PyTree) -> jax.Array:
 def cluster_sgd(
     clusters: Sequence[int] | np.ndarray,
     *,
-    params: PyTree,
     variant: str = "average",
     learning_rate: float | None = None,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
@@ -248,8 +247,6 @@ def cluster_sgd(
     Args:
       clusters: cluster sizes as a list (``[5, 4, 3]``: processes 0-4, 5-8, 9-11), or an int
         numpy array mapping each process to its cluster ``0 .. m - 1``.
-      params: the model's parameters (or a pytree of ``jax.ShapeDtypeStruct``): registers and
-        messages hold one model each, so their shapes must be known when the program is built.
       variant: ``"average"`` (Algorithm A) or ``"agreement"`` (Algorithm B).
       learning_rate: constant step size (plain SGD).
       schedule: a step-size schedule ``t -> eta_t`` (plain SGD), e.g. ``schedules.inverse_time``.
@@ -274,7 +271,7 @@ def cluster_sgd(
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxasync._src.algorithms import cluster
-      >>> prog = cluster.cluster_sgd([2, 1], params=jnp.zeros(3), learning_rate=0.1)
+      >>> prog = cluster.cluster_sgd([2, 1], learning_rate=0.1)
       >>> prog.num_nodes, sorted(prog.shared), sorted(prog.channels)
       (3, ['relay', 'vals'], ['vals'])
 
@@ -293,11 +290,6 @@ def cluster_sgd(
     slots = _check_positive_int(slots, "slots")
     if variant == "average" and (agreement_rounds is not None or epsilon is not None):
         raise ValueError("cluster_sgd: agreement_rounds and epsilon only apply to variant='agreement'.")
-    leaves = jax.tree.leaves(params)
-    if not leaves or not all(hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves):
-        raise TypeError("cluster_sgd: params must be a non-empty pytree of arrays.")
-    template = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params)
-
     same = of[:, None] == of[None, :]
     remote = topology_lib.from_adjacency(~same, name="cluster-bipartite")
     kwargs = dict(
@@ -309,7 +301,6 @@ def cluster_sgd(
         slots=slots,
         same=same,
         remote=remote,
-        template=template,
     )
     if variant == "average":
         return _algorithm_a(**kwargs)
@@ -319,11 +310,20 @@ def cluster_sgd(
     return _algorithm_b(rounds=rounds, quorum=quorum, epsilon=epsilon, **kwargs)
 
 
-def _algorithm_a(*, of, n, m, sizes, opt, slots, same, remote, template):
+def _flat_size(params: PyTree) -> int:
+    return sum(int(np.prod(jnp.shape(x))) for x in jax.tree.leaves(params))
+
+
+def _algorithm_a(*, of, n, m, sizes, opt, slots, same, remote):
     del of, sizes  # the visibility matrix and the graph carry the cluster structure
     K = slots
     has_remote = m > 1
-    channel = program_lib.Channel(remote, {"t": jnp.int32(0), "y": template})
+    # Registers and messages hold one model each: templates resolved from the model's parameters.
+    template = program_lib.like_params
+    channel = program_lib.Channel(
+        remote,
+        lambda p: {"t": jax.ShapeDtypeStruct((), jnp.int32), "y": program_lib.like_params(p)},
+    )
     in_table = np.asarray(remote.in_table, np.int32).reshape(n, -1)
 
     def init(node, params, key):
@@ -427,18 +427,23 @@ def _algorithm_a(*, of, n, m, sizes, opt, slots, same, remote, template):
     )
 
 
-def _algorithm_b(*, of, n, m, sizes, opt, slots, same, remote, template, rounds, quorum, epsilon):
+def _algorithm_b(*, of, n, m, sizes, opt, slots, same, remote, rounds, quorum, epsilon):
     K, R = slots, rounds
     has_remote = m > 1
-    flat0, unravel = jax.flatten_util.ravel_pytree(template)
-    d = int(flat0.size)
-    vec = jnp.zeros((d,), jnp.float32)
-    channel = program_lib.Channel(remote, {"rho": jnp.int32(0), "lo": vec, "hi": vec})
+
+    def vector(p):  # MAA values and boxes: the ravelled model in float32
+        return jax.ShapeDtypeStruct((_flat_size(p),), jnp.float32)
+
+    channel = program_lib.Channel(
+        remote,
+        lambda p: {"rho": jax.ShapeDtypeStruct((), jnp.int32), "lo": vector(p), "hi": vector(p)},
+    )
     in_table = np.asarray(remote.in_table, np.int32).reshape(n, -1)
     cluster_of, weights = jnp.asarray(of), jnp.asarray(sizes)
 
-    def to_tree(flat):
-        return jax.tree.map(lambda a, ref: a.astype(ref.dtype), unravel(flat), template)
+    def to_tree(flat, like):
+        unravel = jax.flatten_util.ravel_pytree(like)[1]
+        return jax.tree.map(lambda a, ref: a.astype(ref.dtype), unravel(flat), like)
 
     def quorum_of(held):
         return agreement_lib.has_quorum(held, weights, quorum)
@@ -458,6 +463,8 @@ def _algorithm_b(*, of, n, m, sizes, opt, slots, same, remote, template, rounds,
 
     def init(node, params, key):
         del key  # deterministic given the minibatches
+        d = _flat_size(params)
+        vec = jnp.zeros((d,), jnp.float32)
         box = jnp.zeros((m, K, d), jnp.float32)
         ring = jnp.full((K,), -1, jnp.int32)
         return ClusterAgreementState(
@@ -500,7 +507,7 @@ def _algorithm_b(*, of, n, m, sizes, opt, slots, same, remote, template, rounds,
         mid = agreement_lib.box_midpoint(los, his, held)
         iteration_done = finish & (done % R == R - 1)
         new_iteration = (state.phase == _NEW_ITERATION) | iteration_done
-        x = jax.tree.map(lambda a, b: jnp.where(iteration_done, a, b), to_tree(mid), state.x)
+        x = jax.tree.map(lambda a, b: jnp.where(iteration_done, a, b), to_tree(mid, state.x), state.x)
         t_done = done // R
         t_next = jnp.where(state.phase == _NEW_ITERATION, state.t, t_done + 1)
 
@@ -511,7 +518,7 @@ def _algorithm_b(*, of, n, m, sizes, opt, slots, same, remote, template, rounds,
 
         def skip(x):
             del x  # mid-agreement: no gradient this event
-            return vec, state.opt_state
+            return jnp.zeros_like(state.v), state.opt_state
 
         y, opt_state = jax.lax.cond(new_iteration, sgd, skip, x)
         write = new_iteration | finish
@@ -572,7 +579,7 @@ def _algorithm_b(*, of, n, m, sizes, opt, slots, same, remote, template, rounds,
             t=rho // R,
             phase=jnp.int32(_SEND),
             rho=rho,
-            v=reg.values.reshape(-1, d)[best],
+            v=reg.values.reshape(-1, state.v.shape[0])[best],
             lo=lo,
             hi=hi,
             tried=jnp.asarray(False),
@@ -605,7 +612,7 @@ def _algorithm_b(*, of, n, m, sizes, opt, slots, same, remote, template, rounds,
     def diameter(tags, values):
         """Largest l-inf spread of the processes' values of one iteration, over the last ``slots``
         iterations anybody recorded (older records belong to crashed or far-behind processes)."""
-        tags, values = tags.reshape(-1), values.reshape(-1, d)
+        tags, values = tags.reshape(-1), values.reshape(-1, values.shape[-1])
         recent = jnp.max(tags) - K
 
         def spread(tag):
@@ -636,7 +643,7 @@ def _algorithm_b(*, of, n, m, sizes, opt, slots, same, remote, template, rounds,
         params=lambda state: state.x,
         channels=channels,
         receive=receivers,
-        shared={"maa": program_lib.Registers(vec, slots=K, visible=same)},
+        shared={"maa": program_lib.Registers(vector, slots=K, visible=same)},
         observe=observe,
         ready=ready,
         metrics=metrics,
