@@ -145,12 +145,13 @@ def test_no_recompilation_on_second_step(name):
 # Equalities with plain Optax and exact bookkeeping (handlers driven directly).
 
 
-def _drive(prog, steps, views_fn=None):
+def _drive(prog, steps, views_fn=None, params=None, grad_fn=None):
     """One worker alone: step, apply its op to the buffer, observe. Returns the buffer per step."""
-    params = PROBLEM.init_params
+    params = PROBLEM.init_params if params is None else params
+    grad_fn = PROBLEM.grad_fn if grad_fn is None else grad_fn
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     buffers = {name: flat.astype(jnp.float32) for name in prog.shared}
-    step = jax.jit(lambda s, b, k: prog.step(s, PROBLEM.grad_fn, b, k))
+    step = jax.jit(lambda s, b, k: prog.step(s, grad_fn, b, k))
     observe = jax.jit(prog.observe)
     state = observe(prog.init(jnp.int32(0), params, jax.random.key(0)), _views(params, prog))
     history, emits = [], []
@@ -188,6 +189,28 @@ def test_full_density_is_hogwild_exactly_when_driven_and_closely_in_simulation(r
         np.testing.assert_array_equal(a, b)
     # Same seed, same schedule, same minibatches: same trajectory (XLA may fuse differently).
     np.testing.assert_allclose(runs["ef", 1.0]["loss"], runs["hogwild"]["loss"], rtol=1e-4)
+
+
+def test_pytree_params_use_the_ravelled_buffer_layout():
+    """A dict model: sparse indices address the ravelled tree, like the shared buffer."""
+    params = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(())}
+
+    def loss(p, batch):
+        pred = batch["a"] @ p["w"].reshape(-1) + p["b"]
+        return 0.5 * jnp.mean(jnp.square(pred - batch["b"] - 1.0))
+
+    grad_fn = jax.grad(loss)
+    _, dense, _ = _drive(shared_memory.hogwild(learning_rate=LR), 10, None, params, grad_fn)
+    _, sparse, emits = _drive(
+        shared_memory.sparsified_sgd(density=1.0, learning_rate=LR), 10, None, params, grad_fn
+    )
+    ref = params
+    for t in range(10):
+        g = grad_fn(ref, _batch(t))
+        ref = jax.tree.map(lambda x, y: x - LR * y, ref, g)
+        np.testing.assert_allclose(dense[t], jax.flatten_util.ravel_pytree(ref)[0], rtol=1e-5)
+        np.testing.assert_array_equal(dense[t], sparse[t])
+    assert emits[0].ops["params"].indices.shape == (13,)
 
 
 @pytest.mark.parametrize("method", ["topk", "randk"])

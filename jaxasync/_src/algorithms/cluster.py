@@ -13,7 +13,16 @@ variants (ALGORITHMS.md 1.4-1.6, reconstructed from the abstracts):
   rounds of multidimensional approximate agreement (MAA) on their ``y``; a round waits for the
   boxes of a quorum of clusters and moves to the midpoint of their union, so the live processes'
   iterates stay within ``diameter / 2^R`` of each other. It blocks when the live clusters do not
-  hold a weight majority (necessary, by the paper's lower bound).
+  hold a weight majority (necessary, by the paper's lower bound). Boxes go straight to every
+  process of the other clusters (no relay through shared memory: a waiting process cannot read
+  memory under the node-program contract, and a broadcast is never cut short by a crash in the
+  simulator). Two rules, this library's own, keep slow processes live: a process that holds a
+  quorum of other clusters' boxes for a later round *jumps* to that round's midpoint, and a process
+  whose needed box was overwritten by a later round *catches up* by adopting the round and value
+  of its most advanced cluster-mate (read from the ``MAA`` registers).
+
+Registers and messages hold one model each; their templates are functions of the model's
+parameters (:func:`~jaxasync._src.program.like_params`), resolved by the executor.
 
 Shared objects and channels (names as in the programs):
 
@@ -220,8 +229,10 @@ def cluster_sgd(
     where ``Y`` holds, deduplicated by origin ``q``, every iteration-``t`` value ``p`` sees now: the
     ``VAL`` registers of its cluster-mates and the ``RELAY`` registers in which they stored the
     messages of other clusters (``recv``: ``RELAY_p[q][t' mod K] <- (t', y)`` unless it holds a newer
-    iteration). Nothing waits, so any number of crashes is tolerated; with ``k`` values collected the
-    gradient noise is divided by ``k`` (up to ``n``-fold acceleration of sequential SGD). Use
+    iteration). Nothing waits, so any number of crashes is tolerated; the gradient noise is divided
+    by ``k_t = min_p |Y_p^t|``, up to ``n``-fold acceleration of sequential SGD when everybody sees
+    everybody. Asynchronously, the first process to finish an iteration sees only its own value, so
+    the gain is smaller (about ``k``-fold for the ``cluster_k_mean`` metric, the mean ``|Y|``). Use
     ``schedule=schedules.inverse_time(2, mu, t0)`` for the strongly convex ``eta_t = beta/(mu(t+t0))``.
 
     **Algorithm B** (``variant="agreement"``): after the same SGD step, ``R = agreement_rounds``
@@ -240,9 +251,11 @@ def cluster_sgd(
     process ``p`` waits (``ready`` is false) until it holds round-``rho`` boxes from a quorum
     ``K_p`` of clusters (its own included): ``w(c) = n_c, W = n`` for ``quorum="processes"``,
     ``w(c) = 1, W = m`` for ``"clusters"``. A process that fell so far behind that it holds a
-    quorum of other clusters' boxes for a *later* round jumps to that round's midpoint (its output
-    satisfies the same guarantees). Each round costs the process two events (send the box; take the
-    midpoint and write the next value), each with a compute-time draw in the simulator.
+    quorum of other clusters' boxes for a *later* round jumps to that round's midpoint; one whose
+    round-``rho`` box of some cluster was overwritten by a later round adopts the round and value
+    of its most advanced cluster-mate (both keep the guarantees above; see the module docstring).
+    Each round costs the process two events (send the box; take the midpoint and write the next
+    value), each with a compute-time draw in the simulator.
 
     Args:
       clusters: cluster sizes as a list (``[5, 4, 3]``: processes 0-4, 5-8, 9-11), or an int
@@ -269,7 +282,6 @@ def cluster_sgd(
         ``learning_rate``, ``schedule``, ``optimizer``), variant, quorum, slots or rounds.
 
     Example:
-      >>> import jax.numpy as jnp
       >>> from jaxasync._src.algorithms import cluster
       >>> prog = cluster.cluster_sgd([2, 1], learning_rate=0.1)
       >>> prog.num_nodes, sorted(prog.shared), sorted(prog.channels)
