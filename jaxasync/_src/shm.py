@@ -54,6 +54,19 @@ from jaxasync import _native
 
 _ffi = _native.ffi
 _lib = _native.lib
+# Hot functions as module globals: attribute lookup on the cffi lib object costs
+# about as much as a small call itself.
+_from_buffer = _ffi.from_buffer
+_atomic_load = _lib.ja_atomic_load
+_atomic_store = _lib.ja_atomic_store
+_atomic_fetch_add = _lib.ja_atomic_fetch_add
+_atomic_cas = _lib.ja_atomic_compare_exchange
+_register_write = _lib.ja_register_write
+_register_read = _lib.ja_register_read
+_mailbox_send = _lib.ja_mailbox_send
+_mailbox_recv = _lib.ja_mailbox_recv
+_f32_add = _lib.ja_f32_add
+_f32_add_segments = _lib.ja_f32_add_segments
 
 # Element types of registers and mailboxes; the header stores index + 1.
 _DTYPES = tuple(
@@ -121,7 +134,7 @@ def _dtype(dtype: Any) -> np.dtype:
 
 
 def _checked(a: Any, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
-    """Returns `a` as an ndarray after checking dtype, shape and contiguity."""
+    """Returns `a` as an ndarray after checking dtype, shape, contiguity and alignment."""
     if type(a) is not np.ndarray:
         a = np.asarray(a)
     if a.dtype != dtype:
@@ -130,10 +143,28 @@ def _checked(a: Any, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.n
         raise ValueError(f"{what} must have shape {shape}, got {a.shape}")
     flags = a.flags
     if not flags.c_contiguous:
-        raise ValueError(f"{what} is non-contiguous; pass np.ascontiguousarray(...)")
+        raise _non_contiguous(what)
     if not flags.aligned:
         raise ValueError(f"{what} is not aligned to its itemsize")
     return a
+
+
+def _non_contiguous(what: str) -> ValueError:
+    return ValueError(f"{what} is non-contiguous; pass np.ascontiguousarray(...)")
+
+
+def _bytes_ptr(a: Any, dtype: np.dtype, shape: tuple[int, ...], what: str) -> Any:
+    """A cffi pointer to the bytes of `a`, checked like `_checked` (for memcpy'd payloads).
+
+    The fast path (an ndarray of exactly this dtype and shape) leaves the
+    contiguity check to `from_buffer`, which refuses non-C-contiguous arrays.
+    """
+    if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
+        a = _checked(a, dtype, shape, what)
+    try:
+        return _from_buffer(a)
+    except ValueError:
+        raise _non_contiguous(what) from None
 
 
 def _out_ptr(out: Any, dtype: np.dtype, shape: tuple[int, ...]) -> Any:
@@ -402,19 +433,19 @@ class AtomicArray(_Segment):
         """Returns cell `i` (seq_cst load)."""
         if not 0 <= i < self._n:
             raise self._index_error(i)
-        return _lib.ja_atomic_load(self._base, i)
+        return _atomic_load(self._base, i)
 
     def store(self, i: int, v: int) -> None:
         """Sets cell `i` to `v` (seq_cst store)."""
         if not 0 <= i < self._n:
             raise self._index_error(i)
-        _lib.ja_atomic_store(self._base, i, v)
+        _atomic_store(self._base, i, v)
 
     def fetch_add(self, i: int, d: int = 1) -> int:
         """Adds `d` to cell `i` (wrapping at 64 bits) and returns the old value (seq_cst)."""
         if not 0 <= i < self._n:
             raise self._index_error(i)
-        return _lib.ja_atomic_fetch_add(self._base, i, d)
+        return _atomic_fetch_add(self._base, i, d)
 
     def compare_exchange(self, i: int, expected: int, desired: int) -> tuple[bool, int]:
         """Sets cell `i` to `desired` if it equals `expected` (strong, seq_cst).
@@ -425,7 +456,7 @@ class AtomicArray(_Segment):
         """
         if not 0 <= i < self._n:
             raise self._index_error(i)
-        observed = _lib.ja_atomic_compare_exchange(self._base, i, expected, desired)
+        observed = _atomic_cas(self._base, i, expected, desired)
         return observed == expected, observed
 
     def __repr__(self) -> str:
@@ -482,8 +513,7 @@ class Register(_Segment):
 
     def write(self, value: Any, tag: int) -> None:
         """Publishes `value` (exact dtype and shape, C-contiguous) with `tag`."""
-        value = _checked(value, self._dtype, self._shape, "value")
-        _lib.ja_register_write(self._base, _ffi.from_buffer(value), tag)
+        _register_write(self._base, _bytes_ptr(value, self._dtype, self._shape, "value"), tag)
 
     def read(self, out: np.ndarray | None = None) -> tuple[int, np.ndarray]:
         """Returns `(tag, value)` of the last completed write.
@@ -494,11 +524,11 @@ class Register(_Segment):
         """
         if out is None:
             out = np.empty(self._shape, self._dtype)
-            return _lib.ja_register_read(self._base, _ffi.from_buffer(out)), out
+            return _register_read(self._base, _from_buffer(out)), out
         if out is not self._out:
             self._out_cdata = _out_ptr(out, self._dtype, self._shape)
             self._out = out
-        return _lib.ja_register_read(self._base, self._out_cdata), out
+        return _register_read(self._base, self._out_cdata), out
 
     @property
     def version(self) -> int:
@@ -562,8 +592,8 @@ class Mailbox(_Segment):
 
     def send(self, value: Any, tag: int) -> bool:
         """Enqueues a copy of `value` with `tag`; returns False if the ring is full."""
-        value = _checked(value, self._dtype, self._shape, "value")
-        return bool(_lib.ja_mailbox_send(self._base, _ffi.from_buffer(value), tag))
+        ptr = _bytes_ptr(value, self._dtype, self._shape, "value")
+        return _mailbox_send(self._base, ptr, tag) == 1
 
     def recv(self, out: np.ndarray | None = None) -> tuple[int, np.ndarray] | None:
         """Dequeues the oldest message as `(tag, value)`, or returns None if empty.
@@ -575,14 +605,14 @@ class Mailbox(_Segment):
             if self._spare is None:
                 self._spare = np.empty(self._shape, self._dtype)
                 self._spare_cdata = _ffi.from_buffer(self._spare)
-            if not _lib.ja_mailbox_recv(self._base, self._spare_cdata, self._tag):
+            if not _mailbox_recv(self._base, self._spare_cdata, self._tag):
                 return None
             out, self._spare = self._spare, None
             return self._tag[0], out
         if out is not self._out:
             self._out_cdata = _out_ptr(out, self._dtype, self._shape)
             self._out = out
-        if not _lib.ja_mailbox_recv(self._base, self._out_cdata, self._tag):
+        if not _mailbox_recv(self._base, self._out_cdata, self._tag):
             return None
         return self._tag[0], out
 
@@ -707,6 +737,7 @@ class ParamBuffer(_Segment):
         if padded != h.count:
             raise ValueError(f"{self._name!r}: the stored structure does not match the buffer size")
         self._size = sum(sizes)
+        self._flat_shape = (self._size,)
         self._sizes, self._offsets, self._nseg = sizes, offsets, len(sizes)
         self._seg = np.array([(o, n) for o, n in zip(offsets, sizes)], np.int64).ravel()
         self._seg_cdata = _ffi.from_buffer("int64_t[]", self._seg)
@@ -750,9 +781,22 @@ class ParamBuffer(_Segment):
 
     def _flat(self, x: Any) -> np.ndarray | None:
         """`x` as the checked flat float32 form, or None if it is a pytree."""
-        if getattr(x, "shape", None) != (self._size,):
+        if getattr(x, "shape", None) != self._flat_shape:
             return None
-        return _checked(x, _F32, (self._size,), "flat delta")
+        return _checked(x, _F32, self._flat_shape, "flat delta")
+
+    def _flat_ptr(self, x: Any) -> Any:
+        """A `float *` to `x` in the checked flat form, or None if it is a pytree."""
+        if not (
+            type(x) is np.ndarray and x.dtype is _F32 and x.shape == self._flat_shape and x.flags.aligned
+        ):
+            x = self._flat(x)
+            if x is None:
+                return None
+        try:
+            return _from_buffer("float[]", x)
+        except ValueError:  # from_buffer refuses non-C-contiguous arrays
+            raise _non_contiguous("flat delta") from None
 
     def _leaves(self, tree: Any, what: str) -> list[np.ndarray]:
         """Float32 contiguous leaves of `tree`, checked against the template."""
@@ -785,14 +829,12 @@ class ParamBuffer(_Segment):
         m = _MODES.get(mode)
         if m is None:
             raise ValueError(f"mode must be 'racy', 'relaxed' or 'atomic', got {mode!r}")
-        flat = self._flat(delta)
-        if flat is not None:
-            _lib.ja_f32_add_segments(
-                self._data, _ffi.from_buffer("float[]", flat), self._seg_cdata, self._nseg, scale, m
-            )
+        src = self._flat_ptr(delta)
+        if src is not None:
+            _f32_add_segments(self._data, src, self._seg_cdata, self._nseg, scale, m)
             return
         for a, off, n in zip(self._leaves(delta, "delta"), self._offsets, self._sizes):
-            _lib.ja_f32_add(self._data + off, _ffi.from_buffer("float[]", a), n, scale, m)
+            _f32_add(self._data + off, _from_buffer("float[]", a), n, scale, m)
 
     def add_sparse(self, indices: Any, values: Any, scale: float = 1.0, mode: str = "racy") -> None:
         """Adds `scale * values[k]` to parameter `indices[k]` for every k.
@@ -852,7 +894,7 @@ class ParamBuffer(_Segment):
 
             return jax.tree_util.tree_unflatten(self._treedef, leaves)
         if out is not self._out:
-            self._out_cdata = _ffi.cast("float *", _out_ptr(out, _F32, (self._size,)))
+            self._out_cdata = _ffi.cast("float *", _out_ptr(out, _F32, self._flat_shape))
             self._out = out
         _lib.ja_f32_gather_segments(self._out_cdata, self._data, self._seg_cdata, self._nseg)
         return out
