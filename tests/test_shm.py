@@ -797,3 +797,11 @@ def test_more_than_dev_shm_holds_is_enospc_and_leaves_nothing():
         shm.AtomicArray.create(too_many_cells, name=name)
     assert info.value.errno == errno.ENOSPC and info.value.filename == name
     assert not _dev_shm(name).exists()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from jaxasync._src import shm as module
+
+    assert doctest.testmod(module).failed == 0

@@ -732,7 +732,10 @@ class ParamBuffer(_Segment):
     def _setup(self) -> None:
         h = self._header
         meta = _ffi.buffer(_ffi.cast("char *", self._base) + h.meta_offset, h.meta_size)
-        self._treedef, self._shapes, self._dtypes = pickle.loads(meta[:])
+        try:  # the structure, pickled by the creator (same user: trusted)
+            self._treedef, self._shapes, self._dtypes = pickle.loads(meta[:])
+        except Exception as e:
+            raise ValueError(f"{self._name!r}: cannot read the stored pytree structure") from e
         sizes, offsets, padded = _leaf_layout(self._shapes)
         if padded != h.count:
             raise ValueError(f"{self._name!r}: the stored structure does not match the buffer size")
