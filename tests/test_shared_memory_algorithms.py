@@ -324,21 +324,8 @@ def test_bfloat16_params_run_and_decrease_the_loss(prog):
             ValueError,
             "error_feedback",
         ),
-        (
-            lambda: shared_memory.sparsified_sgd(density=0.1, learning_rate=0.1, num_params=0),
-            ValueError,
-            "num_params",
-        ),
     ],
 )
 def test_bad_input_raises_at_factory_time(factory, error, match):
     with pytest.raises(error, match=match):
         factory()
-
-
-def test_num_params_declares_k_and_is_checked():
-    prog = shared_memory.sparsified_sgd(density=0.25, learning_rate=LR, num_params=D)
-    assert prog.shared["params"] == program_lib.Buffer(sparse=True, k=3)
-    bad = shared_memory.sparsified_sgd(density=0.25, learning_rate=LR, num_params=D + 1)
-    with pytest.raises(ValueError, match="num_params"):
-        bad.init(jnp.int32(0), PROBLEM.init_params, jax.random.key(0))

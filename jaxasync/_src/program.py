@@ -143,13 +143,9 @@ class Buffer:
     Attributes:
       template: pytree of arrays giving structure, shapes and initial values; None means "the
         model's parameters", initialised by the executor to the problem's initial parameters.
-      sparse: True if the program's operations are :class:`BufferAddSparse` with ``k`` entries.
-      k: number of entries per sparse operation.
     """
 
     template: PyTree = None
-    sparse: bool = False
-    k: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

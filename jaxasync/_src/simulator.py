@@ -148,8 +148,9 @@ def _views(static: _Static, shared: dict, node) -> dict:
 
 
 def _apply_ops(static: _Static, carry: _Carry, ops: Mapping[str, Any], node, count_staleness):
+    """Applies a handler's operations; one event's buffer updates count as one update."""
     shared = dict(carry.shared)
-    version, c = carry.version, carry.counters
+    touched_buffer = False
     for name in static.program.shared:
         op = ops.get(name)
         if op is None:
@@ -157,8 +158,10 @@ def _apply_ops(static: _Static, carry: _Carry, ops: Mapping[str, Any], node, cou
         if isinstance(op, program_lib.BufferAdd):
             delta, _ = jax.flatten_util.ravel_pytree(op.delta)
             shared[name] = shared[name] + delta.astype(jnp.float32)
+            touched_buffer = True
         elif isinstance(op, program_lib.BufferAddSparse):
             shared[name] = shared[name].at[op.indices].add(op.values.astype(jnp.float32))
+            touched_buffer = True
         elif isinstance(op, program_lib.RegisterWrite):
             reg = shared[name]
             tags = reg.tags.at[node, op.slot].set(jnp.where(op.mask, op.tag, reg.tags[node, op.slot]))
@@ -168,20 +171,22 @@ def _apply_ops(static: _Static, carry: _Carry, ops: Mapping[str, Any], node, cou
                 op.value,
             )
             shared[name] = program_lib.RegistersView(tags, values)
-            continue
         else:
             raise TypeError(
                 f"{static.program.name}: unsupported operation {type(op).__name__} on shared object {name!r}"
             )
-        if count_staleness:
-            stale = version - carry.read_version[node]
-            c = c._replace(
-                staleness_sum=c.staleness_sum + stale.astype(jnp.float32),
-                staleness_max=jnp.maximum(c.staleness_max, stale),
-                updates=c.updates + 1,
-            )
-        version = version + 1
-    return carry._replace(shared=shared, version=version, counters=c)
+    carry = carry._replace(shared=shared)
+    if not touched_buffer:
+        return carry
+    c = carry.counters
+    if count_staleness:  # updates applied by others since this node read the buffer
+        stale = carry.version - carry.read_version[node]
+        c = c._replace(
+            staleness_sum=c.staleness_sum + stale.astype(jnp.float32),
+            staleness_max=jnp.maximum(c.staleness_max, stale),
+            updates=c.updates + 1,
+        )
+    return carry._replace(version=carry.version + 1, counters=c)
 
 
 def _send(

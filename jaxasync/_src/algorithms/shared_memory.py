@@ -194,7 +194,6 @@ def sparsified_sgd(
     error_feedback: bool = True,
     scale: bool = False,
     track_consistency: bool = False,
-    num_params: int | None = None,
 ) -> program_lib.NodeProgram:
     r"""Sparsified asynchronous shared-memory SGD, with or without error feedback.
 
@@ -230,9 +229,6 @@ def sparsified_sgd(
       error_feedback: keep the unapplied remainder in ``e_p`` and add it to the next update.
       scale: rand-k only: multiply the kept entries by ``d / k`` (unbiased; not with error feedback).
       track_consistency: measure the elastic-consistency constant (see above).
-      num_params: the model's number of scalars ``d``, if known; then the buffer declares
-        ``k`` (``Buffer(sparse=True, k=k)``) so a runtime can size its sparse operations up front.
-        Without it the buffer declares ``k=0`` ("given by the operations' shapes").
 
     Returns:
       A :class:`~jaxasync._src.program.NodeProgram` with shared buffers ``"params"`` (and
@@ -240,7 +236,7 @@ def sparsified_sgd(
 
     Raises:
       ValueError: for a density outside ``(0, 1]``, an unknown method, ``scale`` with top-k or with
-        error feedback, a non-positive ``num_params``, or unless exactly one of ``learning_rate``
+        error feedback, or unless exactly one of ``learning_rate``
         and ``optimizer`` is given.
       TypeError: for a non-float density or a non-Optax optimizer.
 
@@ -268,11 +264,6 @@ def sparsified_sgd(
             f"{where}: scaled rand-k is not a contraction; do not combine scale=True with "
             "error_feedback=True."
         )
-    k_declared = 0
-    if num_params is not None:
-        if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
-            raise ValueError(f"{where}: num_params must be a positive int, got {num_params!r}.")
-        k_declared = compression_lib.k_from_density(num_params, density)
     eta = float(learning_rate) if learning_rate is not None else 1.0
 
     def compress(a, key):
@@ -284,8 +275,6 @@ def sparsified_sgd(
     def init(node, params, key):
         del key  # workers start from the shared initial model
         d = _flat32(params).size
-        if num_params is not None and d != num_params:
-            raise ValueError(f"{where}: num_params={num_params} but the model has {d} scalars.")
         return SparsifiedSGDState(
             node=jnp.asarray(node, jnp.int32),
             count=jnp.int32(0),
@@ -348,7 +337,7 @@ def sparsified_sgd(
             "elastic_b_mean": jnp.sum(states.b_sum) / jnp.maximum(jnp.sum(states.b_count), 1),
         }
 
-    shared = {"params": program_lib.Buffer(sparse=True, k=k_declared)}
+    shared = {"params": program_lib.Buffer()}
     if track_consistency:
         shared["virtual"] = program_lib.Buffer()
     return program_lib.NodeProgram(
