@@ -5,6 +5,13 @@ Layers (see the README): pure JAX node programs and Optax transforms (``jaxasync
 runtime); the native shared-memory core (``jaxasync.shm``, imported on demand).
 """
 
+from jaxasync import agreement as agreement
+from jaxasync import algorithms as algorithms
+from jaxasync import assignment as assignment
+from jaxasync import compression as compression
+from jaxasync import mixing as mixing
+from jaxasync import problems as problems
+from jaxasync import schedules as schedules
 from jaxasync import topology as topology
 from jaxasync._src.asynchrony import Asynchrony as Asynchrony
 from jaxasync._src.asynchrony import Distribution as Distribution
@@ -25,12 +32,33 @@ from jaxasync._src.program import Outbox as Outbox
 from jaxasync._src.program import Registers as Registers
 from jaxasync._src.program import RegistersView as RegistersView
 from jaxasync._src.program import RegisterWrite as RegisterWrite
+from jaxasync._src.program import like_params as like_params
+from jaxasync._src.simulator import record as record
 from jaxasync._src.simulator import simulate as simulate
 from jaxasync._src.trace import Trace as Trace
+from jaxasync._src.transforms import ScaleByStalenessState as ScaleByStalenessState
+from jaxasync._src.transforms import SparsifyState as SparsifyState
+from jaxasync._src.transforms import scale_by_staleness as scale_by_staleness
+from jaxasync._src.transforms import sparsify as sparsify
+from jaxasync._src.transforms import sparsify_update as sparsify_update
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "agreement",
+    "algorithms",
+    "assignment",
+    "compression",
+    "like_params",
+    "mixing",
+    "problems",
+    "record",
+    "scale_by_staleness",
+    "ScaleByStalenessState",
+    "schedules",
+    "sparsify",
+    "sparsify_update",
+    "SparsifyState",
     "Asynchrony",
     "Buffer",
     "BufferAdd",
