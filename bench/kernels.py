@@ -1,0 +1,163 @@
+"""Local-step kernels: each algorithm's jitted ``step`` at d = 2^20 against its memory-traffic bound.
+
+For every algorithm we time one node's jitted local step (state buffers donated) with a "gradient"
+given as the batch (``grad_fn = lambda params, batch: batch``), so the figure is the algorithm's own
+work, not a model's. Anchors measured in the same run:
+
+* a jitted ``optax.sgd`` step on the same d (params donated);
+* the bytes the step must touch (state leaves read, leaves it changes written, the gradient read,
+  messages and shared-memory operations written) at numpy's measured in-place bandwidth
+  (``np.subtract(a, b, out=a)``).
+
+Target (issue "The algorithms"): every step within 2x of its bytes-touched bound. The script runs on
+whatever JAX backend is present and prints the device.
+
+  python bench/kernels.py [--log2d 20] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxasync as ja
+from jaxasync._src import program as program_lib
+from jaxasync._src.algorithms import registry
+
+NODES = 4
+ALGORITHMS = [
+    ("sgd", {}),
+    ("hogwild", {}),
+    ("sparsified_sgd", {"density": 0.01}),
+    ("sparsified_sgd", {"density": 0.01, "error_feedback": False}),
+    ("asgrad", {"policy": "shuffled"}),
+    ("dasgd", {}),
+    ("rfast", {}),
+    ("allreduce_sgd", {}),
+    ("dpsgd", {}),
+    ("adpsgd", {}),
+    ("sgp", {}),
+    ("cluster_sgd", {}),
+]
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def numpy_bandwidth(d: int, repeats: int) -> float:
+    """Bytes per second of ``a -= b`` in place (read a, read b, write a)."""
+    a, b = np.ones(d, np.float32), np.full(d, 1e-3, np.float32)
+    t = _median_time(lambda: np.subtract(a, b, out=a), repeats)
+    return 3 * 4 * d / t
+
+
+def optax_step_time(d: int, repeats: int) -> float:
+    opt = optax.sgd(0.01)
+    params, grad = jnp.ones(d), jnp.full(d, 1e-3)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, grad):
+        updates, state = opt.update(grad, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    holder = [params, state]
+
+    def run():
+        holder[0], holder[1] = step(holder[0], holder[1], grad)
+        return holder[0]
+
+    run()
+    return _median_time(run, repeats)
+
+
+def _views(program, params):
+    views = {}
+    n = program.num_nodes or NODES
+    for name, spec in program.shared.items():
+        if isinstance(spec, program_lib.Buffer):
+            views[name] = params
+        else:
+            template = program_lib.resolve(spec.template, params)
+            views[name] = program_lib.RegistersView(
+                jnp.full((n, spec.slots), -1, jnp.int32),
+                jax.tree.map(lambda t: jnp.zeros((n, spec.slots, *t.shape), t.dtype), template))
+    return views
+
+
+def step_cost(program, d: int, repeats: int):
+    """(median seconds per step, bytes the step must touch)."""
+    params = jnp.zeros((d,), jnp.float32)
+    grad = jax.random.normal(jax.random.key(1), (d,), jnp.float32) * 1e-3
+    grad_fn = lambda p, batch: batch  # the gradient is given: time the algorithm's own work
+    state = program.init(jnp.int32(0), params, jax.random.key(0))
+    state = program.observe(state, _views(program, params))
+
+    def step(state, batch, key):
+        return program.step(state, grad_fn, batch, key)
+
+    # Which state leaves does a step change? (Those are written; the others are only read.)
+    new_state, emit = jax.jit(step)(state, grad, jax.random.key(2))
+    changed = sum(x.size * x.dtype.itemsize
+                  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(new_state))
+                  if x.shape != y.shape or not bool(jnp.array_equal(x, y)))
+    touched = _nbytes(state) + _nbytes(grad) + changed + _nbytes(emit)
+
+    donated = jax.jit(step, donate_argnums=0)
+    holder = [new_state]
+    key = jax.random.key(3)
+
+    def run():
+        holder[0], out = donated(holder[0], grad, key)
+        return out
+
+    run()
+    return _median_time(run, repeats), touched
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log2d", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    d = 2**args.log2d
+    print(f"device: {jax.devices()[0]}  d = 2^{args.log2d}  nodes = {NODES}")
+    bandwidth = numpy_bandwidth(d, args.repeats)
+    t_optax = optax_step_time(d, args.repeats)
+    print(f"anchors: numpy in-place bandwidth {bandwidth / 1e9:.1f} GB/s; optax.sgd step "
+          f"{t_optax * 1e3:.3f} ms")
+    header = ("algorithm", "step ms", "vs optax.sgd", "MB touched", "bound ms", "vs bound", "target")
+    rows = []
+    for name, options in ALGORITHMS:
+        program = registry.build(name, NODES, learning_rate=0.01, **options)
+        t, touched = step_cost(program, d, args.repeats)
+        bound = touched / bandwidth
+        label = name + "".join(f" {k}={v}" for k, v in options.items())
+        rows.append((label, f"{t * 1e3:.3f}", f"{t / t_optax:.2f}x", f"{touched / 1e6:.1f}",
+                     f"{bound * 1e3:.3f}", f"{t / bound:.2f}x",
+                     "PASS" if t <= 2 * bound else "FAIL (<= 2x)"))
+    widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()

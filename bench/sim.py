@@ -1,0 +1,195 @@
+"""Simulator throughput: events per second of ``jaxasync.simulate`` against a plain numpy event loop.
+
+For R-FAST (directed ring, 10% packet loss, exponential delays) and AsGrad (shuffled assignment,
+heterogeneous speeds) with n = 16 nodes and d = 100, we run
+
+* ``loop``: a straightforward numpy/Python discrete-event implementation of the same algorithm,
+  written for this benchmark (a heap of events, one numpy update per event);
+* ``simulate``: the compiled simulator (first call includes the XLA compile; the steady state is a
+  second call of the compiled function);
+* ``simulate x8 seeds``: eight seeds under ``vmap`` in one call.
+
+Targets (issue "The simulator"): simulate >= 30x the loop's events/s; 8 seeds cost <= 3x one seed.
+Every figure is a ratio measured in this run.
+
+  python bench/sim.py [--steps 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import heapq
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxasync as ja
+from jaxasync._src import simulator
+
+N, D, ROWS, BATCH = 16, 100, 64, 8
+
+
+def _data(seed=0):
+    problem = ja.problems.least_squares(N, D, ROWS, batch_size=BATCH, seed=seed)
+    a = np.stack([np.asarray(s["x"]) for s in problem.shards])
+    b = np.stack([np.asarray(s["y"]) for s in problem.shards])
+    return problem, a, b
+
+
+# ----------------------------------------------------------------------------- numpy loops
+
+
+def rfast_loop(a, b, steps, lr, loss=0.1, delay=0.5, seed=0):
+    """R-FAST on a directed ring (pull = push graph, weights 1/2), one numpy update per event."""
+    rng = np.random.default_rng(seed)
+    n, m, d = a.shape
+    x = np.zeros((n, d), np.float32)
+    z, g = np.zeros_like(x), np.zeros_like(x)
+    v_hat, rho_out, rho_hat, rho_tilde = (np.zeros_like(x) for _ in range(4))
+    seq = np.zeros(n, np.int64)
+    last_x, last_rho = np.full(n, -1), np.full(n, -1)
+    heap = [(rng.exponential(1.0), k, "step", i, None, None) for k, i in enumerate(range(n))]
+    heapq.heapify(heap)
+    counter, events, done = n, 0, 0
+    while done < steps:
+        t, _, kind, i, s, payload = heapq.heappop(heap)
+        events += 1
+        if kind == "pull":
+            if s > last_x[i]:
+                v_hat[i], last_x[i] = payload, s
+            continue
+        if kind == "sums":
+            if s > last_rho[i]:
+                rho_hat[i], last_rho[i] = payload, s
+            continue
+        x_plus = 0.5 * (x[i] - lr * z[i]) + 0.5 * v_hat[i]
+        idx = rng.integers(m, size=BATCH)
+        ai = a[i, idx]
+        g_plus = ai.T @ (ai @ x_plus - b[i, idx]) / BATCH
+        z_half = z[i] + (rho_hat[i] - rho_tilde[i]) + g_plus - g[i]
+        rho_tilde[i], g[i] = rho_hat[i], g_plus
+        z[i] = 0.5 * z_half
+        rho_out[i] += 0.5 * z_half
+        j = (i + 1) % n
+        for channel, value in (("pull", x_plus - lr * z[i]), ("sums", rho_out[i].copy())):
+            if rng.random() >= loss:
+                heapq.heappush(heap, (t + rng.exponential(delay), counter, channel, j, seq[i], value))
+                counter += 1
+        seq[i] += 1
+        x[i] = x_plus
+        heapq.heappush(heap, (t + rng.exponential(1.0), counter, "step", i, None, None))
+        counter += 1
+        done += 1
+    return events, x.mean(0)
+
+
+def asgrad_loop(a, b, steps, lr, seed=0):
+    """Shuffled AsGrad: a server and FIFO worker queues, |N(s_i, s_i)| + 1 service times, no delays."""
+    rng = np.random.default_rng(seed)
+    n, m, d = a.shape
+    x = np.zeros(d, np.float32)
+    scales = np.arange(1, n + 1, dtype=np.float64)
+    service = lambda i: abs(rng.normal(scales[i], scales[i])) + 1
+    queues = [[x.copy()] for _ in range(n)]
+    heap = [(service(i), i, "done", i, None) for i in range(n)]
+    heapq.heapify(heap)
+    counter, events, t_server, perm = n, 0, 0, rng.permutation(n)
+    while t_server < steps:
+        t, _, kind, i, payload = heapq.heappop(heap)
+        events += 1
+        if kind == "done":  # worker i finishes its head job and sends the gradient to the server
+            snapshot = queues[i].pop(0)
+            idx = rng.integers(m, size=BATCH)
+            ai = a[i, idx]
+            heapq.heappush(heap, (t, counter, "grad", i, ai.T @ (ai @ snapshot - b[i, idx]) / BATCH))
+            counter += 1
+            if queues[i]:
+                heapq.heappush(heap, (t + service(i), counter, "done", i, None))
+                counter += 1
+        elif kind == "grad":  # the server applies it and sends a job to the next worker
+            x = x - lr * payload
+            if t_server % n == 0:
+                perm = rng.permutation(n)
+            heapq.heappush(heap, (t, counter, "job", int(perm[t_server % n]), x.copy()))
+            counter += 1
+            t_server += 1
+        else:  # a job reaches worker i: enqueue, and start it if the worker was idle
+            queues[i].append(payload)
+            if len(queues[i]) == 1:
+                heapq.heappush(heap, (t + service(i), counter, "done", i, None))
+                counter += 1
+    return events, x
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def _timed_simulate(program, problem, asynchrony, steps, seeds=None):
+    """(events, seconds of the first call, seconds of a second, compiled call)."""
+    static = simulator.make_static(program, problem, asynchrony, None)
+    params = simulator.make_params(asynchrony, simulator.num_nodes(program, problem))
+    fn = functools.partial(simulator.run, static, params, num_records=1, record_every=steps,
+                           max_events_per_record=100 * steps)
+    fn = jax.jit(fn if seeds is None else jax.vmap(fn))
+    arg = jnp.int32(0) if seeds is None else jnp.arange(seeds, dtype=jnp.int32)
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(arg))
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(arg))
+    second = time.perf_counter() - start
+    events = int(np.sum(np.asarray(out[1]["events"])[..., -1]))
+    return events, first, second
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20000, help="local steps per run")
+    args = parser.parse_args(argv)
+    problem, a, b = _data()
+    print(f"device: {jax.devices()[0]}  n={N} d={D} batch={BATCH} steps={args.steps}", file=sys.stderr)
+
+    rows = []
+    lr = 0.02
+    cases = [
+        ("R-FAST", lambda: rfast_loop(a, b, args.steps, lr),
+         ja.algorithms.rfast(ja.topology.directed_ring(N), ja.topology.directed_ring(N), learning_rate=lr),
+         problem, ja.Asynchrony(delay=ja.exponential(0.5), loss=0.1)),
+        ("AsGrad shuffled", lambda: asgrad_loop(a, b, args.steps, lr),
+         ja.algorithms.asgrad(num_workers=N, policy="shuffled", learning_rate=lr),
+         problem, ja.Asynchrony(compute_time=ja.abs_normal(list(range(1, N + 1)) + [1]))),
+    ]
+    for name, loop, program, prob, asyn in cases:
+        print(f"{name}: numpy loop ...", file=sys.stderr)
+        start = time.perf_counter()
+        loop_events, _ = loop()
+        loop_rate = loop_events / (time.perf_counter() - start)
+        print(f"{name}: simulate ...", file=sys.stderr)
+        events, first, second = _timed_simulate(program, prob, asyn, args.steps)
+        print(f"{name}: simulate x8 seeds ...", file=sys.stderr)
+        events8, _, second8 = _timed_simulate(program, prob, asyn, args.steps, seeds=8)
+        rate = events / second
+        rows.append((name, "numpy loop", f"{loop_rate:,.0f}", "1.00x", ""))
+        rows.append((name, "simulate (incl. compile)", f"{events / first:,.0f}",
+                     f"{events / first / loop_rate:.2f}x", ""))
+        rows.append((name, "simulate (compiled)", f"{rate:,.0f}", f"{rate / loop_rate:.2f}x",
+                     "PASS" if rate >= 30 * loop_rate else "FAIL (target >= 30x)"))
+        rows.append((name, "simulate x8 seeds (compiled)", f"{events8 / second8:,.0f}",
+                     f"{events8 / second8 / loop_rate:.2f}x",
+                     f"8 seeds cost {second8 / second:.2f}x one seed: "
+                     + ("PASS" if second8 <= 3 * second else "FAIL (target <= 3x)")))
+    widths = [max(len(str(r[k])) for r in rows + [("case", "executor", "events/s", "vs loop", "")])
+              for k in range(5)]
+    header = ("case", "executor", "events/s", "vs loop", "target")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()
