@@ -23,7 +23,7 @@ def _lsq_grad(x, batch):
 
 
 def _factories(n):
-    """name -> (params, **kw) -> program, on a graph each algorithm accepts."""
+    """name -> (**kw) -> program, on a graph each algorithm accepts."""
     return {
         "allreduce_sgd": lambda **kw: gossip.allreduce_sgd(num_nodes=n, **kw),
         "dpsgd": lambda **kw: gossip.dpsgd(topology.ring(n), **kw),
@@ -136,7 +136,7 @@ def test_one_node_is_plain_optax_bit_for_bit(name, opt):
     # Op by op (no jit), so both sides run the same float operations; under jit XLA may fuse the
     # two programs differently (the all-reduce's mean then differs in the last bit).
     x0 = jnp.asarray([1.0, -2.0, 0.5])
-    prog = _factories(1)[name](params=x0, optimizer=opt)
+    prog = _factories(1)[name](optimizer=opt)
     state, x, opt_state = prog.init(jnp.int32(0), x0, jax.random.key(0)), x0, opt.init(x0)
     for k in range(5):
         a = np.random.default_rng(k).normal(size=(5, D))
@@ -168,7 +168,7 @@ def test_allreduce_keeps_identical_models_in_any_delivery_order(order):
 
 @functools.cache
 def _allreduce_program():
-    return gossip.allreduce_sgd(num_nodes=4, params=jnp.zeros(D), learning_rate=0.1)
+    return gossip.allreduce_sgd(num_nodes=4, learning_rate=0.1)
 
 
 def test_allreduce_is_minibatch_sgd_on_the_average_gradient():
@@ -186,7 +186,7 @@ def test_allreduce_is_minibatch_sgd_on_the_average_gradient():
 
 
 def test_dpsgd_waits_for_its_neighbours_and_mixes_with_the_weights():
-    prog = gossip.dpsgd(topology.ring(4), params=jnp.zeros(D), learning_rate=0.1)
+    prog = gossip.dpsgd(topology.ring(4), learning_rate=0.1)
     drv = _Driver(prog, spread=True)
     x_before = drv.params()
     drv.step(0)
@@ -229,11 +229,11 @@ def test_sgp_conserves_push_sum_weight(actions, one_peer):
 
 @functools.cache
 def _sgp_program(one_peer):
-    return gossip.sgp(topology.directed_ring(6), params=jnp.zeros(D), learning_rate=0.05, one_peer=one_peer)
+    return gossip.sgp(topology.directed_ring(6), learning_rate=0.05, one_peer=one_peer)
 
 
 def test_sgp_one_peer_is_round_robin_with_half_shares():
-    prog = gossip.sgp(topology.exponential(8), params=jnp.zeros(D), learning_rate=0.1)
+    prog = gossip.sgp(topology.exponential(8), learning_rate=0.1)
     drv = _Driver(prog)
     peers = []
     for k in range(4):
@@ -247,7 +247,7 @@ def test_sgp_one_peer_is_round_robin_with_half_shares():
 @pytest.mark.parametrize("scale", [True, False])
 def test_sgp_step_moves_the_debiased_model_by_the_update(scale):
     ring = topology.directed_ring(3)
-    prog = gossip.sgp(ring, params=jnp.zeros(D), learning_rate=0.1, scale_by_weight=scale)
+    prog = gossip.sgp(ring, learning_rate=0.1, scale_by_weight=scale)
     z0 = jnp.asarray([1.0, 2.0, -1.0])
     state = prog.init(jnp.int32(0), z0, jax.random.key(0))
     state = state._replace(x=0.25 * z0, w=jnp.float32(0.25))  # a node holding little weight
@@ -277,7 +277,7 @@ def test_adpsgd_pairwise_averaging_moves_no_mass(actions):
 
 @functools.cache
 def _adpsgd_program():
-    return gossip.adpsgd(topology.ring(6), params=jnp.zeros(D), learning_rate=0.05)
+    return gossip.adpsgd(topology.ring(6), learning_rate=0.05)
 
 
 def test_adpsgd_exchange_is_the_pairwise_average_plus_the_step():
@@ -303,7 +303,7 @@ def simulated():
     asynchrony = asynchrony_lib.Asynchrony(delay=asynchrony_lib.exponential(0.5))
     out = {}
     for name, make in _factories(6).items():
-        prog = make(params=problem.init_params, learning_rate=0.05)
+        prog = make(learning_rate=0.05)
         out[name] = simulator.simulate(prog, problem, asynchrony, steps=900, seed=0, record_every=90)
     return out
 
@@ -344,7 +344,7 @@ def _signature(tree):
 @pytest.mark.parametrize("name", NAMES)
 def test_handlers_jit_with_stable_structure_and_no_retracing(name, dtype):
     params = _pytree_params(dtype)
-    prog = _factories(4)[name](params=params, optimizer=optax.adam(1e-2))
+    prog = _factories(4)[name](optimizer=optax.adam(1e-2))
     traces = []
 
     def step(state, batch):
@@ -360,7 +360,9 @@ def test_handlers_jit_with_stable_structure_and_no_retracing(name, dtype):
         payload = (
             jax.tree.map(lambda p: p[0], emit.outbox[c].payload)
             if c in emit.outbox
-            else jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), prog.channels[c].payload)
+            else jax.tree.map(
+                lambda t: jnp.zeros(t.shape, t.dtype), program_lib.resolve(prog.channels[c].payload, params)
+            )
         )
         for slot in range(prog.channels[c].graph.max_in_degree):
             msg = program_lib.Message(jnp.int32(slot), jnp.int32(0), payload)
@@ -375,7 +377,7 @@ def test_handlers_jit_with_stable_structure_and_no_retracing(name, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", NAMES)
 def test_loss_decreases_in_float32_and_bfloat16(name, dtype):
-    prog = _factories(4)[name](params=jnp.zeros(D, dtype), learning_rate=0.1)
+    prog = _factories(4)[name](learning_rate=0.1)
     drv = _Driver(prog, dtype=dtype)
     start = drv.gap()
     for _ in range(25):
@@ -397,18 +399,18 @@ def test_loss_decreases_in_float32_and_bfloat16(name, dtype):
         (dict(learning_rate=0.0), ValueError),
         (dict(learning_rate="0.1"), TypeError),
         (dict(optimizer=lambda g: g), TypeError),
-        (dict(learning_rate=0.1, params={}), ValueError),  # no arrays to send
+        (dict(learning_rate=float("inf")), ValueError),
+        (dict(learning_rate=True), TypeError),
     ],
 )
 def test_bad_step_arguments(name, kwargs, error):
-    kwargs = {"params": jnp.zeros(2), **kwargs}
     with pytest.raises(error):
         _factories(3)[name](**kwargs)
 
 
 def test_bad_graphs_and_weights():
     directed = topology.directed_ring(4)
-    ok = dict(params=jnp.zeros(2), learning_rate=0.1)
+    ok = dict(learning_rate=0.1)
     with pytest.raises(ValueError, match="undirected"):
         gossip.adpsgd(directed, **ok)
     with pytest.raises(ValueError, match="undirected"):
@@ -420,6 +422,6 @@ def test_bad_graphs_and_weights():
     for factory in (gossip.dpsgd, gossip.adpsgd, gossip.sgp):
         with pytest.raises(TypeError, match="Graph"):
             factory(np.ones((4, 4), bool), **ok)
-    for bad in (0, -2, 2.5, True):
-        with pytest.raises(ValueError, match="num_nodes"):
+    for bad, error in ((0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="num_nodes"):
             gossip.allreduce_sgd(num_nodes=bad, **ok)

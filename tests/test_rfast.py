@@ -110,7 +110,7 @@ _TOPOLOGIES = {
 @functools.cache
 def _driver_program(topo, robust):
     pull, push = _TOPOLOGIES[topo]
-    return rfast_lib.rfast(pull, push, params=jnp.zeros(D), learning_rate=0.05, robust=robust)
+    return rfast_lib.rfast(pull, push, learning_rate=0.05, robust=robust)
 
 
 @functools.partial(jax.jit, static_argnames="robust")
@@ -202,12 +202,10 @@ def lossy_runs():
     ring = topology.directed_ring(8)
     traces = {}
     for robust in (True, False):
-        prog = rfast_lib.rfast(ring, ring, params=problem.init_params, learning_rate=0.1, robust=robust)
+        prog = rfast_lib.rfast(ring, ring, learning_rate=0.1, robust=robust)
         traces[robust] = simulator.simulate(prog, problem, asynchrony, steps=1600, seed=0, record_every=160)
     # Parameter-server-like pair: pull down the out-tree from 0, push up the in-tree to 0.
-    tree = rfast_lib.rfast(
-        topology.out_tree(8), topology.in_tree(8), params=problem.init_params, learning_rate=0.1
-    )
+    tree = rfast_lib.rfast(topology.out_tree(8), topology.in_tree(8), learning_rate=0.1)
     traces["tree"] = simulator.simulate(tree, problem, asynchrony, steps=1600, seed=0, record_every=160)
     return traces
 
@@ -246,7 +244,7 @@ def test_single_node_is_optax_one_step_late():
     ]
     x0 = jnp.asarray([1.0, -2.0, 0.5])
     for opt in (optax.sgd(0.1), optax.adam(0.05)):
-        prog = rfast_lib.rfast(lonely, lonely, params=x0, optimizer=opt)
+        prog = rfast_lib.rfast(lonely, lonely, optimizer=opt)
         state = prog.init(jnp.int32(0), x0, jax.random.key(0))
         step = jax.jit(functools.partial(prog.step, grad_fn=_lsq_grad))
         ref, ref_state = x0, opt.init(x0)
@@ -281,7 +279,7 @@ def _signature(tree):
 def test_handlers_jit_with_stable_structure_and_no_retracing(dtype, robust):
     pull, push = topology.exponential(4), topology.ring(4)
     params = _pytree_params(dtype)
-    prog = rfast_lib.rfast(pull, push, params=params, optimizer=optax.adam(1e-2), robust=robust)
+    prog = rfast_lib.rfast(pull, push, optimizer=optax.adam(1e-2), robust=robust)
     traces = []
 
     def step(state, batch):
@@ -306,7 +304,7 @@ def test_handlers_jit_with_stable_structure_and_no_retracing(dtype, robust):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_loss_decreases_in_float32_and_bfloat16(dtype):
     ring = topology.directed_ring(N)
-    prog = rfast_lib.rfast(ring, ring, params=jnp.zeros(D, dtype), learning_rate=0.1)
+    prog = rfast_lib.rfast(ring, ring, learning_rate=0.1)
     drv = _Driver(prog, dtype=dtype)
     start = drv.gap()
     for _ in range(60):  # synchronous rounds: everybody steps, every message arrives
@@ -323,11 +321,9 @@ def test_loss_decreases_in_float32_and_bfloat16(dtype):
 
 def test_no_common_root_is_rejected():
     with pytest.raises(ValueError, match="do not intersect"):
-        rfast_lib.rfast(
-            topology.out_tree(4), topology.in_tree(4, root=1), params=jnp.zeros(2), learning_rate=0.1
-        )
+        rfast_lib.rfast(topology.out_tree(4), topology.in_tree(4, root=1), learning_rate=0.1)
     with pytest.raises(ValueError, match="spanning tree"):
-        rfast_lib.rfast(topology.in_tree(4), topology.in_tree(4), params=jnp.zeros(2), learning_rate=0.1)
+        rfast_lib.rfast(topology.in_tree(4), topology.in_tree(4), learning_rate=0.1)
 
 
 @pytest.mark.parametrize(
@@ -343,17 +339,15 @@ def test_no_common_root_is_rejected():
 def test_bad_step_arguments(kwargs, error):
     ring = topology.directed_ring(3)
     with pytest.raises(error):
-        rfast_lib.rfast(ring, ring, params=jnp.zeros(2), **kwargs)
+        rfast_lib.rfast(ring, ring, **kwargs)
 
 
-def test_bad_graphs_and_params():
+def test_bad_graphs():
     ring = topology.directed_ring(3)
     with pytest.raises(TypeError, match="Graph"):
-        rfast_lib.rfast(np.ones((3, 3), bool), ring, params=jnp.zeros(2), learning_rate=0.1)
+        rfast_lib.rfast(np.ones((3, 3), bool), ring, learning_rate=0.1)
     with pytest.raises(ValueError, match="nodes"):
-        rfast_lib.rfast(topology.directed_ring(4), ring, params=jnp.zeros(2), learning_rate=0.1)
-    with pytest.raises(ValueError, match="no arrays"):
-        rfast_lib.rfast(ring, ring, params={}, learning_rate=0.1)
+        rfast_lib.rfast(topology.directed_ring(4), ring, learning_rate=0.1)
 
 
 def test_tree_step_is_divided_by_n():
@@ -367,7 +361,7 @@ def test_tree_step_is_divided_by_n():
         (dict(optimizer=optax.sgd(0.1), effective_step=False), 0.1),
     ]
     for kwargs, expected in cases:
-        prog = rfast_lib.rfast(pull, push, params=x0, **kwargs)
+        prog = rfast_lib.rfast(pull, push, **kwargs)
         state = prog.init(jnp.int32(0), x0, jax.random.key(0))  # the root: keeps all its mass
         state, _ = prog.step(state, _lsq_grad, batch, jax.random.key(0))
         # y = x - gamma z with z = c_00 g = g (the root pushes nothing) and g = -b / D.

@@ -4,10 +4,13 @@
 Every factory returns a :class:`~jaxasync._src.program.NodeProgram` (see that module for the
 contract) and takes the local step as an Optax optimizer or a learning rate (exactly one):
 ``learning_rate=lr`` means ``optax.sgd(lr)``. The optimizer always receives the gradient (or, for
-all-reduce, the average gradient) of the node and its update is added to the model.
+all-reduce, the average gradient) of the node and its update is added to the model. "The optimizer
+arguments" in the ``Raises`` sections below: ``ValueError`` unless exactly one of them is given or
+for a learning rate that is not positive and finite; ``TypeError`` for a learning rate that is not
+a number or an optimizer that is not an ``optax.GradientTransformation``.
 
-Messages carry model-shaped payloads, so every factory takes ``params``: the model's parameters (the
-initial ones, or a pytree of ``jax.ShapeDtypeStruct``), which fix the messages' shapes and dtypes.
+Messages carry model-shaped payloads: their templates are functions of the model's parameters
+(:func:`~jaxasync._src.program.like_params`), resolved by the executor, so no factory needs the model.
 
 =================  ==================  ===========================================================
 algorithm          waits?              what travels
@@ -27,7 +30,6 @@ real barrier would.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -38,6 +40,7 @@ import optax
 from jaxasync._src import mixing as mixing_lib
 from jaxasync._src import program as program_lib
 from jaxasync._src import topology as topology_lib
+from jaxasync._src.algorithms import base
 
 PyTree = Any
 
@@ -52,70 +55,6 @@ __all__ = [
     "sgp",
     "sgp_total_weight",
 ]
-
-
-# ----------------------------------------------------------------------------------------
-# Private helpers shared with rfast.py.
-
-
-def _local_optimizer(
-    name: str, optimizer: optax.GradientTransformation | None, learning_rate: float | None
-) -> optax.GradientTransformation:
-    """Exactly one of ``optimizer`` / ``learning_rate`` (the latter means plain SGD)."""
-    if (optimizer is None) == (learning_rate is None):
-        raise ValueError(f"{name}: pass exactly one of optimizer= and learning_rate=")
-    if optimizer is not None:
-        if not isinstance(optimizer, optax.GradientTransformation | optax.GradientTransformationExtraArgs):
-            raise TypeError(
-                f"{name}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
-            )
-        return optimizer
-    _check_learning_rate(name, learning_rate)
-    return optax.sgd(learning_rate)
-
-
-def _check_learning_rate(name: str, learning_rate) -> None:
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float, np.floating)):
-        raise TypeError(f"{name}: learning_rate must be a float, got {type(learning_rate).__name__}")
-    if not (math.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"{name}: learning_rate must be positive and finite, got {learning_rate}")
-
-
-def _check_graph(name: str, graph, what: str = "graph") -> topology_lib.Graph:
-    if not isinstance(graph, topology_lib.Graph):
-        raise TypeError(f"{name}: {what} must be a jaxasync.topology.Graph, got {type(graph).__name__}")
-    return graph
-
-
-def _template(name: str, params: PyTree) -> PyTree:
-    """Shapes and dtypes of the model's parameters (arrays or ShapeDtypeStructs)."""
-    leaves = jax.tree.leaves(params)
-    if not leaves:
-        raise ValueError(f"{name}: params has no arrays")
-    return jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), params)
-
-
-def _outbox(payload: PyTree, mask: jax.Array) -> program_lib.Outbox:
-    """An outbox from per-out-slot payloads; a node-free graph (no out-slots) gets one dead slot."""
-    if mask.shape[0] == 0:
-        payload = jax.tree.map(lambda p: jnp.zeros((1, *p.shape[1:]), p.dtype), payload)
-        mask = jnp.zeros((1,), bool)
-    return program_lib.Outbox(payload, mask)
-
-
-def _stack(tree: PyTree, k: int) -> PyTree:
-    """``k`` copies of every leaf along a new leading axis."""
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *jnp.shape(x))), tree)
-
-
-def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
-    return jax.tree.map(lambda t, p: jnp.asarray(t, jnp.result_type(p)), tree, like)
-
-
-def _descend(opt, direction, opt_state, params):
-    """``params + opt.update(direction)`` in the params' dtypes."""
-    updates, opt_state = opt.update(_cast_like(direction, params), opt_state, params)
-    return _cast_like(optax.apply_updates(params, updates), params), opt_state
 
 
 # ----------------------------------------------------------------------------------------
@@ -146,7 +85,6 @@ class AllReduceSGDState(NamedTuple):
 
 def allreduce_sgd(
     *,
-    params: PyTree,
     num_nodes: int,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
@@ -165,7 +103,6 @@ def allreduce_sgd(
 
     Args:
       num_nodes: ``n``.
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       learning_rate: SGD step size (``optax.sgd``); or
       optimizer: any Optax transformation applied to the averaged gradient.
 
@@ -173,10 +110,11 @@ def allreduce_sgd(
       A :class:`NodeProgram` named ``"allreduce_sgd"`` with one channel ``"grads"``.
 
     Raises:
-      ValueError: bad ``num_nodes`` or not exactly one of ``learning_rate`` / ``optimizer``.
+      ValueError: ``num_nodes`` below 1, or the optimizer arguments.
+      TypeError: a non-int ``num_nodes``, or the optimizer arguments.
 
     Example:
-      >>> prog = allreduce_sgd(num_nodes=4, learning_rate=0.1, params=jnp.zeros(3))
+      >>> prog = allreduce_sgd(num_nodes=4, learning_rate=0.1)
       >>> prog.name, sorted(prog.channels)
       ('allreduce_sgd', ['grads'])
 
@@ -185,12 +123,10 @@ def allreduce_sgd(
       (arXiv:1706.02677).
     """
     name = "allreduce_sgd"
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, (int, np.integer)) or num_nodes < 1:
-        raise ValueError(f"{name}: num_nodes must be a positive int, got {num_nodes!r}")
-    opt = _local_optimizer(name, optimizer, learning_rate)
-    n = int(num_nodes)
+    n = base.positive_int(name, "num_nodes", num_nodes)
+    opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
     graph = topology_lib.complete(n)
-    channel = program_lib.Channel(graph, _template(name, params))
+    channel = program_lib.Channel(graph, program_lib.like_params)
     in_table = jnp.asarray(graph.in_table).reshape(n, -1)
 
     def init(node, params, key):
@@ -214,7 +150,7 @@ def allreduce_sgd(
         parity = state.count % 2
         # Sum in node order: every node computes the bit-identical average.
         mean = jax.tree.map(lambda b: jnp.sum(b[:, parity], axis=0) / n, state.grads)
-        x, opt_state = _descend(opt, mean, state.opt_state, state.x)
+        x, opt_state = base.descend(opt, mean, state.opt_state, state.x)
         return state._replace(x=x, opt_state=opt_state, count=state.count + 1, waiting=jnp.asarray(False))
 
     def try_advance(state):
@@ -225,11 +161,11 @@ def allreduce_sgd(
 
     def step(state, grad_fn, batch, key):
         del key  # the minibatch is the only randomness
-        g = _cast_like(grad_fn(state.x, batch), state.x)
+        g = base.cast_like(grad_fn(state.x, batch), state.x)
         state = store(state, state.node, state.count, g)
         state = try_advance(state._replace(waiting=jnp.asarray(True)))
         m = graph.max_out_degree
-        out = program_lib.Outbox(_stack(g, max(m, 1)), jnp.arange(max(m, 1)) < m)
+        out = program_lib.Outbox(base.stack(g, max(m, 1)), jnp.arange(max(m, 1)) < m)
         return state, program_lib.Emit(outbox={"grads": out})
 
     def receive(state, msg):
@@ -280,7 +216,6 @@ class DPSGDState(NamedTuple):
 def dpsgd(
     graph: topology_lib.Graph,
     *,
-    params: PyTree,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
     weights=None,
@@ -299,7 +234,6 @@ def dpsgd(
 
     Args:
       graph: an undirected communication graph.
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       learning_rate: SGD step size ``eta``; or
       optimizer: any Optax transformation of the local gradient.
       weights: ``[n, n]`` row-stochastic ``W[receiver, sender]`` supported on the graph (doubly
@@ -309,12 +243,12 @@ def dpsgd(
       A :class:`NodeProgram` named ``"dpsgd"`` with one channel ``"x"``.
 
     Raises:
-      TypeError: ``graph`` is not a Graph.
+      TypeError: ``graph`` is not a Graph, or the optimizer arguments.
       ValueError: a directed graph, bad weights, or the optimizer arguments.
 
     Example:
       >>> from jaxasync import topology
-      >>> prog = dpsgd(topology.ring(4), learning_rate=0.1, params=jnp.zeros(3))
+      >>> prog = dpsgd(topology.ring(4), learning_rate=0.1)
 
     References:
       Lian, Zhang, Zhang, Hsieh, Zhang and Liu, "Can decentralized algorithms outperform
@@ -322,16 +256,16 @@ def dpsgd(
       descent", NeurIPS 2017 (arXiv:1705.09056).
     """
     name = "dpsgd"
-    graph = _check_graph(name, graph)
+    graph = base.check_graph(name, graph)
     if not graph.is_symmetric:
         raise ValueError(f"{name}: needs an undirected graph (the round barrier assumes it)")
-    opt = _local_optimizer(name, optimizer, learning_rate)
+    opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
     w = topology_lib.metropolis_weights(graph) if weights is None else np.asarray(weights, np.float64)
     topology_lib.check_row_stochastic(w, graph)
     self_w, nbr_w = (jnp.asarray(a, jnp.float32) for a in topology_lib.in_weight_table(graph, w))
     n, m_in = graph.n, graph.max_in_degree
     in_mask = jnp.asarray(graph.in_mask).reshape(n, -1)
-    channel = program_lib.Channel(graph, _template(name, params))
+    channel = program_lib.Channel(graph, program_lib.like_params)
 
     def init(node, params, key):
         del key  # deterministic
@@ -361,11 +295,9 @@ def dpsgd(
     def step(state, grad_fn, batch, key):
         del key  # the minibatch is the only randomness
         g = grad_fn(state.x, batch)
-        updates, opt_state = opt.update(_cast_like(g, state.x), state.opt_state, state.x)
+        update, opt_state = base.update(opt, g, state.opt_state, state.x)
         out = program_lib.broadcast_outbox(channel, state.node, state.x)
-        state = state._replace(
-            update=_cast_like(updates, state.x), opt_state=opt_state, waiting=jnp.asarray(True)
-        )
+        state = state._replace(update=update, opt_state=opt_state, waiting=jnp.asarray(True))
         return try_advance(state), program_lib.Emit(outbox={"x": out})
 
     def receive(state, msg):
@@ -410,7 +342,6 @@ class ADPSGDState(NamedTuple):
 def adpsgd(
     graph: topology_lib.Graph,
     *,
-    params: PyTree,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
 ) -> program_lib.NodeProgram:
@@ -436,7 +367,6 @@ def adpsgd(
 
     Args:
       graph: an undirected communication graph (the reply travels back along the edge).
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       learning_rate: SGD step size ``eta``; or
       optimizer: any Optax transformation of the local gradient.
 
@@ -444,22 +374,22 @@ def adpsgd(
       A :class:`NodeProgram` named ``"adpsgd"`` with channels ``"avg"`` and ``"reply"``.
 
     Raises:
-      TypeError: ``graph`` is not a Graph.
+      TypeError: ``graph`` is not a Graph, or the optimizer arguments.
       ValueError: a directed graph, or the optimizer arguments.
 
     Example:
       >>> from jaxasync import topology
-      >>> prog = adpsgd(topology.ring(4), learning_rate=0.1, params=jnp.zeros(3))
+      >>> prog = adpsgd(topology.ring(4), learning_rate=0.1)
 
     References:
       Lian, Zhang, Zhang and Liu, "Asynchronous decentralized parallel stochastic gradient
       descent", ICML 2018 (arXiv:1710.06952).
     """
     name = "adpsgd"
-    graph = _check_graph(name, graph)
+    graph = base.check_graph(name, graph)
     if not graph.is_symmetric:
         raise ValueError(f"{name}: needs an undirected graph (replies go back along each edge)")
-    opt = _local_optimizer(name, optimizer, learning_rate)
+    opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
     n, m_out = graph.n, graph.max_out_degree
     out_degree = jnp.asarray(graph.out_degree, jnp.int32)
     # reply_slot[j, k]: out-slot of j towards its in-neighbour on in-slot k (the same edge reversed).
@@ -468,8 +398,10 @@ def adpsgd(
         for k, i in enumerate(graph.in_neighbors(j)):
             reply_slot[j, k] = int(np.flatnonzero(graph.out_table[j] == i)[0])
     reply_slot = jnp.asarray(reply_slot)
-    template = _template(name, params)
-    channels = {"avg": program_lib.Channel(graph, template), "reply": program_lib.Channel(graph, template)}
+    channels = {
+        "avg": program_lib.Channel(graph, program_lib.like_params),
+        "reply": program_lib.Channel(graph, program_lib.like_params),
+    }
 
     def init(node, params, key):
         del key  # deterministic
@@ -482,8 +414,8 @@ def adpsgd(
         g = grad_fn(state.x, batch)
         deg = out_degree[state.node]
         slot = jax.random.randint(key, (), 0, jnp.maximum(deg, 1))
-        out = _outbox(_stack(state.x, m_out), one_hot(slot, deg > 0)[:m_out])
-        x, opt_state = _descend(opt, g, state.opt_state, state.x)
+        out = base.outbox(base.stack(state.x, m_out), one_hot(slot, deg > 0)[:m_out])
+        x, opt_state = base.descend(opt, g, state.opt_state, state.x)
         state = state._replace(x=x, opt_state=opt_state, count=state.count + 1)
         return state, program_lib.Emit(outbox={"avg": out})
 
@@ -491,7 +423,7 @@ def adpsgd(
         delta = jax.tree.map(lambda xj, xi: (xj - xi.astype(xj.dtype)) / 2, state.x, msg.payload)
         x = jax.tree.map(jnp.subtract, state.x, delta)
         slot = reply_slot[state.node, jnp.clip(msg.slot, 0, reply_slot.shape[1] - 1)]
-        out = _outbox(_stack(delta, m_out), one_hot(slot, slot >= 0)[:m_out])
+        out = base.outbox(base.stack(delta, m_out), one_hot(slot, slot >= 0)[:m_out])
         return state._replace(x=x), program_lib.Emit(outbox={"reply": out})
 
     def receive_reply(state, msg):
@@ -543,7 +475,6 @@ def sgp_total_weight(stacked_states: SGPState) -> jax.Array:
 def sgp(
     graph: topology_lib.Graph,
     *,
-    params: PyTree,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
     one_peer: bool = True,
@@ -578,7 +509,6 @@ def sgp(
 
     Args:
       graph: the push graph (edge ``i -> j``: ``i`` sends mass to ``j``).
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       learning_rate: SGD step size ``eta``; or
       optimizer: any Optax transformation of the local gradient.
       one_peer: one round-robin peer per step (True) or all out-neighbours (False).
@@ -588,20 +518,20 @@ def sgp(
       A :class:`NodeProgram` named ``"sgp"`` with one channel ``"push"``.
 
     Raises:
-      TypeError: ``graph`` is not a Graph.
+      TypeError: ``graph`` is not a Graph, or the optimizer arguments.
       ValueError: the optimizer arguments.
 
     Example:
       >>> from jaxasync import topology
-      >>> prog = sgp(topology.exponential(8), learning_rate=0.1, params=jnp.zeros(3))
+      >>> prog = sgp(topology.exponential(8), learning_rate=0.1)
 
     References:
       Assran, Loizou, Ballas and Rabbat, "Stochastic gradient push for distributed deep
       learning", ICML 2019 (arXiv:1811.10792).
     """
     name = "sgp"
-    graph = _check_graph(name, graph)
-    opt = _local_optimizer(name, optimizer, learning_rate)
+    graph = base.check_graph(name, graph)
+    opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
     n, m_out = graph.n, graph.max_out_degree
     self_p, out_p = (
         jnp.asarray(a, jnp.float32)
@@ -609,7 +539,9 @@ def sgp(
     )
     out_degree = jnp.asarray(graph.out_degree, jnp.int32)
 
-    payload = mixing_lib.PushSumState(_template(name, params), jax.ShapeDtypeStruct((), jnp.float32))
+    def payload(params):  # one push-sum share: a model-shaped numerator and a float32 weight
+        return mixing_lib.PushSumState(program_lib.like_params(params), jax.ShapeDtypeStruct((), jnp.float32))
+
     channel = program_lib.Channel(graph, payload)
 
     def init(node, params, key):
@@ -629,14 +561,14 @@ def sgp(
         del key  # the minibatch is the only randomness
         z = _sgp_params(state)
         g = grad_fn(z, batch)
-        updates, opt_state = opt.update(_cast_like(g, z), state.opt_state, z)
+        updates, opt_state = opt.update(base.cast_like(g, z), state.opt_state, z)
         if scale_by_weight:  # move the de-biased z = x / w by the update, whatever w is
             updates = jax.tree.map(lambda u: u * state.w.astype(u.dtype), updates)
-        x = _cast_like(optax.apply_updates(state.x, updates), state.x)
+        x = base.cast_like(optax.apply_updates(state.x, updates), state.x)
         keep, out = shares(state)
         kept, sent = mixing_lib.push_sum_split(mixing_lib.PushSumState(x, state.w), keep, out)
         state = SGPState(state.node, state.count + 1, kept.value, kept.weight, opt_state)
-        return state, program_lib.Emit(outbox={"push": _outbox(sent, out > 0)})
+        return state, program_lib.Emit(outbox={"push": base.outbox(sent, out > 0)})
 
     def receive(state, msg):
         mass = mixing_lib.push_sum_receive(mixing_lib.PushSumState(state.x, state.w), msg.payload)

@@ -29,7 +29,7 @@ import optax
 from jaxasync._src import mixing as mixing_lib
 from jaxasync._src import program as program_lib
 from jaxasync._src import topology as topology_lib
-from jaxasync._src.algorithms import gossip as gossip_lib
+from jaxasync._src.algorithms import base
 
 PyTree = Any
 
@@ -114,7 +114,6 @@ def rfast(
     pull: topology_lib.Graph,
     push: topology_lib.Graph,
     *,
-    params: PyTree,
     learning_rate: float | None = None,
     optimizer: optax.GradientTransformation | None = None,
     effective_step: bool = True,
@@ -162,7 +161,6 @@ def rfast(
     Args:
       pull: ``G_R``; edge ``j -> i`` means ``i`` pulls ``j``'s value.
       push: ``G_C``; edge ``i -> j`` means ``i`` pushes tracker mass to ``j``.
-      params: the model's parameters (arrays or ShapeDtypeStructs), giving the message shapes.
       learning_rate: effective step size (SGD on the tracker); or
       optimizer: an Optax transformation applied to the tracker ``z`` each local update.
       effective_step: divide the step by ``n u^T v`` so ``learning_rate`` means the same on every
@@ -181,7 +179,7 @@ def rfast(
     Example:
       >>> from jaxasync import topology
       >>> ring = topology.directed_ring(8)
-      >>> prog = rfast(ring, ring, learning_rate=0.02, params=jnp.zeros(5))
+      >>> prog = rfast(ring, ring, learning_rate=0.02)
       >>> trace = simulate(prog, problem, Asynchrony(loss=0.3), steps=8000)  # doctest: +SKIP
 
     References:
@@ -193,15 +191,14 @@ def rfast(
       multi-agent optimization", IEEE TAC 2020 (arXiv:1803.10359).
     """
     name = "rfast" if robust else "rfast_nonrobust"
-    pull = gossip_lib._check_graph(name, pull, "pull")
-    push = gossip_lib._check_graph(name, push, "push")
+    pull = base.check_graph(name, pull, "pull")
+    push = base.check_graph(name, push, "push")
     topology_lib.check_common_root(pull, push)
     r, c = topology_lib.pull_weights(pull), topology_lib.push_weights(push)
     factor = topology_lib.effective_step_factor(r, c) if effective_step else 1.0
     if learning_rate is not None and optimizer is None:
-        gossip_lib._check_learning_rate(name, learning_rate)
-        learning_rate = learning_rate / factor
-    opt = gossip_lib._local_optimizer(name, optimizer, learning_rate)
+        learning_rate = base.check_learning_rate(name, learning_rate) / factor
+    opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
     if optimizer is not None and not np.isclose(factor, 1.0):
         opt = optax.chain(opt, optax.scale(1.0 / factor))
 
@@ -211,8 +208,10 @@ def rfast(
     pull_out_mask = jnp.asarray(pull.out_mask).reshape(n, -1)
     push_out_mask = jnp.asarray(push.out_mask).reshape(n, -1)
     m_in_pull = pull.max_in_degree
-    template = gossip_lib._template(name, params)
-    channels = {"pull": program_lib.Channel(pull, template), "sums": program_lib.Channel(push, template)}
+    channels = {
+        "pull": program_lib.Channel(pull, program_lib.like_params),
+        "sums": program_lib.Channel(push, program_lib.like_params),
+    }
 
     def init(node, params, key):
         del key  # deterministic
@@ -224,7 +223,7 @@ def rfast(
             y=params,
             z=zeros,
             g=zeros,
-            v_hat=gossip_lib._stack(params, m_in_pull),
+            v_hat=base.stack(params, m_in_pull),
             v_seq=jnp.full((m_in_pull,), -1, jnp.int32),
             sums=mixing_lib.running_sum_init(params, push.max_in_degree, push.max_out_degree),
             opt_state=opt.init(params),
@@ -234,19 +233,19 @@ def rfast(
         del key  # the minibatch is the only randomness
         i, s = state.node, state.sums
         x_new = mixing_lib.pull_mix_node(self_r[i], in_r[i], state.y, state.v_hat)  # (a)
-        g_new = gossip_lib._cast_like(grad_fn(x_new, batch), x_new)  # (b)
+        g_new = base.cast_like(grad_fn(x_new, batch), x_new)  # (b)
         absorbed, rho_tilde = mixing_lib.running_sum_absorb(s.rho_hat, s.rho_tilde)  # (c)
         z_half = jax.tree.map(lambda z, a, gn, go: z + a + gn - go, state.z, absorbed, g_new, state.g)
         z = jax.tree.map(lambda v: self_c[i].astype(v.dtype) * v, z_half)  # (d)
         rho_out = mixing_lib.running_sum_send(s.rho_out, z_half, out_c[i])
-        y, opt_state = gossip_lib._descend(opt, z, state.opt_state, x_new)  # (e)
+        y, opt_state = base.descend(opt, z, state.opt_state, x_new)  # (e)
         if robust:
             sent = rho_out
         else:
             sent = mixing_lib.running_sum_send(jax.tree.map(jnp.zeros_like, rho_out), z_half, out_c[i])
         outbox = {
-            "pull": gossip_lib._outbox(gossip_lib._stack(y, pull.max_out_degree), pull_out_mask[i]),
-            "sums": gossip_lib._outbox(sent, push_out_mask[i]),
+            "pull": base.outbox(base.stack(y, pull.max_out_degree), pull_out_mask[i]),
+            "sums": base.outbox(sent, push_out_mask[i]),
         }
         state = state._replace(
             count=state.count + 1,
