@@ -48,6 +48,8 @@ class Counters(NamedTuple):
 
 
 class _Pool(NamedTuple):
+    free: jax.Array  # int32 [M]: a stack of free slot indices (jnp.nonzero would cost O(M) per event)
+    nfree: jax.Array  # int32: its height
     time: jax.Array  # float32 [M]; inf marks a free slot
     src: jax.Array  # int32 [M]
     dst: jax.Array  # int32 [M]
@@ -109,6 +111,12 @@ class _Static:
     templates: dict  # per Buffer name: the initial pytree
 
 
+def _argmin(x: jax.Array) -> jax.Array:
+    """Index of the first minimum. (XLA:CPU's argmin, a variadic reduction, is ~10x slower.)"""
+    ids = jnp.arange(x.shape[0], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == jnp.min(x), ids, x.shape[0]))
+
+
 def _tree_get(tree, i):
     return jax.tree.map(lambda x: x[i], tree)
 
@@ -147,26 +155,82 @@ def _views(static: _Static, shared: dict, node) -> dict:
     return views
 
 
-def _apply_ops(static: _Static, carry: _Carry, ops: Mapping[str, Any], node, count_staleness):
-    """Applies a handler's operations; one event's buffer updates count as one update."""
-    shared = dict(carry.shared)
-    touched_buffer = False
-    for name in static.program.shared:
-        op = ops.get(name)
+class _Op(NamedTuple):
+    """A shared-object operation in a fixed form every handler returns (``active`` False: none)."""
+
+    op: Any
+    active: jax.Array
+
+
+def _op_templates(static: _Static, state_spec) -> dict:
+    """The structure of each shared object's operation, taken from the handlers that produce it."""
+    program, found = static.program, {}
+    batch = jax.eval_shape(lambda k: static.problem.sample(k, 0), jax.random.key(0))
+    emits = [
+        jax.eval_shape(
+            lambda s, b, k: program.step(s, static.problem.grad_fn, b, k)[1],
+            state_spec,
+            batch,
+            jax.random.key(0),
+        )
+    ]
+    for ci, cname in enumerate(static.channel_names):
+        msg = program_lib.Message(jnp.int32(0), jnp.int32(0), static.payloads[ci])
+        emits.append(jax.eval_shape(lambda s, m, c=cname: program.receive[c](s, m)[1], state_spec, msg))
+    for emit in emits:
+        for name, op in (emit.ops if emit is not None else {}).items():
+            if name not in program.shared:
+                raise ValueError(f"{program.name}: operation on undeclared shared object {name!r}")
+            if name in found and jax.tree.structure(found[name]) != jax.tree.structure(op):
+                raise TypeError(f"{program.name}: handlers return different operations on {name!r}")
+            found.setdefault(name, op)
+    return found
+
+
+def _normalize(static: _Static, emit, op_templates: dict):
+    """Every channel's outbox and every shared object's operation, filling gaps with no-ops."""
+    emit = program_lib.Emit() if emit is None else emit
+    outbox = {}
+    for ci, cname in enumerate(static.channel_names):
+        ob = emit.outbox.get(cname)
+        if ob is None:
+            m = static.out_tables[ci].shape[1]
+            ob = program_lib.Outbox(
+                jax.tree.map(
+                    lambda t: jnp.zeros((m, *jnp.shape(t)), jnp.result_type(t)), static.payloads[ci]
+                ),
+                jnp.zeros((m,), bool),
+            )
+        outbox[cname] = ob
+    ops = {}
+    for name, spec in op_templates.items():
+        op = emit.ops.get(name)
         if op is None:
-            continue
+            ops[name] = _Op(jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), spec), jnp.asarray(False))
+        else:
+            ops[name] = _Op(op, jnp.asarray(True))
+    return outbox, ops
+
+
+def _apply_ops(static: _Static, carry: _Carry, ops: Mapping[str, _Op], node, enabled, count_staleness):
+    """Applies the active operations (if ``enabled``); one event's buffer updates count as one."""
+    shared = dict(carry.shared)
+    touched = jnp.asarray(False)
+    for name, slot in ops.items():
+        op, on = slot.op, slot.active & enabled
         if isinstance(op, program_lib.BufferAdd):
             delta, _ = jax.flatten_util.ravel_pytree(op.delta)
-            shared[name] = shared[name] + delta.astype(jnp.float32)
-            touched_buffer = True
+            shared[name] = shared[name] + jnp.where(on, delta.astype(jnp.float32), 0.0)
+            touched |= on
         elif isinstance(op, program_lib.BufferAddSparse):
-            shared[name] = shared[name].at[op.indices].add(op.values.astype(jnp.float32))
-            touched_buffer = True
+            values = jnp.where(on, op.values.astype(jnp.float32), 0.0)
+            shared[name] = shared[name].at[op.indices].add(values)
+            touched |= on
         elif isinstance(op, program_lib.RegisterWrite):
-            reg = shared[name]
-            tags = reg.tags.at[node, op.slot].set(jnp.where(op.mask, op.tag, reg.tags[node, op.slot]))
+            reg, mask = shared[name], op.mask & on
+            tags = reg.tags.at[node, op.slot].set(jnp.where(mask, op.tag, reg.tags[node, op.slot]))
             values = jax.tree.map(
-                lambda v, x: v.at[node, op.slot].set(jnp.where(op.mask, x, v[node, op.slot])),
+                lambda v, x: v.at[node, op.slot].set(jnp.where(mask, x, v[node, op.slot])),
                 reg.values,
                 op.value,
             )
@@ -175,18 +239,15 @@ def _apply_ops(static: _Static, carry: _Carry, ops: Mapping[str, Any], node, cou
             raise TypeError(
                 f"{static.program.name}: unsupported operation {type(op).__name__} on shared object {name!r}"
             )
-    carry = carry._replace(shared=shared)
-    if not touched_buffer:
-        return carry
     c = carry.counters
-    if count_staleness:  # updates applied by others since this node read the buffer
-        stale = carry.version - carry.read_version[node]
-        c = c._replace(
-            staleness_sum=c.staleness_sum + stale.astype(jnp.float32),
-            staleness_max=jnp.maximum(c.staleness_max, stale),
-            updates=c.updates + 1,
-        )
-    return carry._replace(version=carry.version + 1, counters=c)
+    stale = carry.version - carry.read_version[node]  # updates by others since this node's read
+    counted = touched & count_staleness
+    c = c._replace(
+        staleness_sum=c.staleness_sum + jnp.where(counted, stale, 0).astype(jnp.float32),
+        staleness_max=jnp.where(counted, jnp.maximum(c.staleness_max, stale), c.staleness_max),
+        updates=c.updates + counted.astype(jnp.int32),
+    )
+    return carry._replace(shared=shared, version=carry.version + touched.astype(jnp.int32), counters=c)
 
 
 def _send(
@@ -213,13 +274,17 @@ def _send(
         )
         lost = want & jax.random.bernoulli(k_loss, loss, (m,))
         go = want & ~lost
-        free = jnp.nonzero(jnp.isinf(pool.time), size=m, fill_value=static.pool_size)[0]
         rank = jnp.cumsum(go) - 1
-        target = jnp.where(go, free[jnp.clip(rank, 0, m - 1)], static.pool_size)
-        overflow = jnp.sum(go & (target >= static.pool_size))
+        fits = go & (rank < pool.nfree)
+        target = jnp.where(
+            fits, pool.free[jnp.clip(pool.nfree - 1 - rank, 0, static.pool_size - 1)], static.pool_size
+        )
+        overflow = jnp.sum(go & ~fits)
         slot = jnp.asarray(static.dst_slots[ci])[node]
         s = seq[ci, node]
         pools[ci] = _Pool(
+            free=pool.free,
+            nfree=pool.nfree - jnp.sum(fits).astype(jnp.int32),
             time=pool.time.at[target].set(carry.now + delays, mode="drop"),
             src=pool.src.at[target].set(node, mode="drop"),
             dst=pool.dst.at[target].set(dst, mode="drop"),
@@ -242,102 +307,104 @@ def _send(
     return carry._replace(pools=tuple(pools), seq=seq, counters=c)
 
 
-def _schedule(static: _Static, carry: _Carry, node, state, key, compute_scales, stragglers, restart: bool):
-    """Sets the node's next completion time: now + a draw if it is ready, inf if not.
+def _event(static: _Static, params: dict, carry: _Carry, keys, op_templates) -> _Carry:
+    """Processes the earliest pending event (or nothing if none is pending).
 
-    With ``restart=False`` (after a receive) a node that is already busy keeps its current job.
+    Only the handler call sits in the ``switch``, on one node's state and one message: the stacked
+    states, the message pools and the shared objects stay outside it, so XLA updates them in place
+    instead of copying them through the conditional (which cost time linear in the pool size).
     """
-    draw = asynchrony_lib.sample(static.compute_kind, key, compute_scales[node]) * stragglers[node]
-    ready = static.program.ready(state)
-    current = carry.step_time[node]
-    if restart:
-        new = jnp.where(ready, carry.now + draw, jnp.inf)
-    else:
-        new = jnp.where(jnp.isinf(current) & ready, carry.now + draw, current)
-    return carry._replace(step_time=carry.step_time.at[node].set(new))
-
-
-def _full_emit(emit):
-    if emit is None:
-        return program_lib.Emit()
-    return emit
-
-
-def _event(static: _Static, params: dict, carry: _Carry, key) -> _Carry:
-    """Processes the earliest pending event (or nothing if none is pending)."""
-    program, grad_fn = static.program, static.problem.grad_fn
+    program, problem = static.program, static.problem
+    nc = len(static.channel_names)
     crash = params["crash_times"]
-    heads = [jnp.min(p.time) for p in carry.pools] + [jnp.min(carry.step_time)]
-    which = jnp.argmin(jnp.stack(heads))
-    now = jnp.stack(heads)[which]
+    heads = jnp.stack([jnp.min(p.time) for p in carry.pools] + [jnp.min(carry.step_time)])
+    which = _argmin(heads)
+    now = heads[which]
+    idle = jnp.isinf(now)
     if carry.log is not None:
         carry = _log_event(static, carry, which, now, crash)
-    carry = carry._replace(now=jnp.where(jnp.isinf(now), carry.now, now))
-    k_batch, k_handler, k_time, k_send = key
-    sched = functools.partial(
-        _schedule, static, compute_scales=params["compute_scales"], stragglers=params["stragglers"]
+    carry = carry._replace(now=jnp.where(idle, carry.now, now))
+    k_batch, k_handler, k_time, k_send = keys
+
+    slots = [_argmin(p.time) for p in carry.pools]
+    node = jnp.stack(
+        [p.dst[m] for p, m in zip(carry.pools, slots)] + [_argmin(carry.step_time)]
+    )[which]
+    is_step = which == nc
+    alive = ~idle & (carry.now < crash[node])
+    msgs = tuple(
+        program_lib.Message(p.slot[m], p.seq[m], _tree_get(p.payload, m)) for p, m in zip(carry.pools, slots)
     )
-    send = functools.partial(_send, static, delay_scales=params["delay_scales"], loss=params["loss"])
+    state = _tree_get(carry.states, node)
 
-    def step_branch(carry):
-        i = jnp.argmin(carry.step_time)
+    def step_branch(state, msgs):
+        del msgs  # a job completion reads no message
+        # Server nodes (after the data nodes) never step; the clip keeps a traced id in range.
+        batch = problem.sample(k_batch, jnp.minimum(node, problem.num_nodes - 1))
+        state, emit = program.step(state, problem.grad_fn, batch, k_handler)
+        return state, _normalize(static, emit, op_templates)
 
-        def alive(carry):
-            state = _tree_get(carry.states, i)
-            # Server nodes (after the data nodes) never step; the clip keeps a traced id in range.
-            batch = static.problem.sample(k_batch, jnp.minimum(i, static.problem.num_nodes - 1))
-            state, emit = program.step(state, grad_fn, batch, k_handler)
-            emit = _full_emit(emit)
-            carry = _apply_ops(static, carry, emit.ops, i, count_staleness=True)
-            state = program.observe(state, _views(static, carry.shared, i))
-            carry = carry._replace(read_version=carry.read_version.at[i].set(carry.version))
-            carry = send(carry, emit.outbox, i, k_send)
-            carry = carry._replace(
-                states=_tree_set(carry.states, i, state),
-                counters=carry.counters._replace(steps=carry.counters.steps.at[i].add(1)),
-            )
-            return sched(carry, i, state, k_time, restart=True)
+    def receive_branch(ci, state, msgs):
+        state, emit = program.receive[static.channel_names[ci]](state, msgs[ci])
+        return state, _normalize(static, emit, op_templates)
 
-        def dead(carry):
-            return carry._replace(step_time=carry.step_time.at[i].set(jnp.inf))
+    def idle_branch(state, msgs):
+        del msgs  # nothing happens
+        return state, _normalize(static, None, op_templates)
 
-        return jax.lax.cond(carry.now < crash[i], alive, dead, carry)
+    branches = [functools.partial(receive_branch, ci) for ci in range(nc)] + [step_branch, idle_branch]
+    new_state, (outbox, ops) = jax.lax.switch(jnp.where(idle, nc + 1, which), branches, state, msgs)
+    new_state = jax.tree.map(lambda a, b: jnp.where(alive, a, b), new_state, state)
 
-    def deliver_branch(ci, carry):
-        cname = static.channel_names[ci]
-        pool = carry.pools[ci]
-        m = jnp.argmin(pool.time)
-        dst = pool.dst[m]
-        msg = program_lib.Message(pool.slot[m], pool.seq[m], _tree_get(pool.payload, m))
-        pools = list(carry.pools)
-        pools[ci] = pool._replace(time=pool.time.at[m].set(jnp.inf))
-        carry = carry._replace(pools=tuple(pools))
+    # Free the delivered message's slot, whether or not its receiver was alive.
+    pools = list(carry.pools)
+    for ci, (p, m) in enumerate(zip(pools, slots)):
+        taken = ~idle & (which == ci)
+        pools[ci] = p._replace(
+            time=p.time.at[m].set(jnp.where(taken, jnp.inf, p.time[m])),
+            free=p.free.at[jnp.where(taken, p.nfree, static.pool_size)].set(m, mode="drop"),
+            nfree=p.nfree + taken.astype(jnp.int32),
+        )
+    carry = carry._replace(pools=tuple(pools))
 
-        def alive(carry):
-            state = _tree_get(carry.states, dst)
-            state, emit = program.receive[cname](state, msg)
-            emit = _full_emit(emit)
-            carry = _apply_ops(static, carry, emit.ops, dst, count_staleness=False)
-            carry = send(carry, emit.outbox, dst, k_send)
-            c = carry.counters
-            carry = carry._replace(
-                states=_tree_set(carry.states, dst, state),
-                counters=c._replace(delivered=c.delivered.at[ci].add(1)),
-            )
-            return sched(carry, dst, state, k_time, restart=False)
+    carry = _apply_ops(static, carry, ops, node, alive, count_staleness=is_step)
+    observed = jax.lax.cond(
+        is_step & alive,
+        lambda s: program.observe(s, _views(static, carry.shared, node)),
+        lambda s: s,
+        new_state,
+    )
+    carry = carry._replace(
+        read_version=carry.read_version.at[node].set(
+            jnp.where(is_step & alive, carry.version, carry.read_version[node])
+        )
+    )
+    outbox = {c: ob._replace(mask=ob.mask & alive) for c, ob in outbox.items()}
+    carry = _send(static, carry, outbox, node, k_send, params["delay_scales"], params["loss"])
 
-        def dead(carry):
-            c = carry.counters
-            return carry._replace(counters=c._replace(dropped=c.dropped.at[ci].add(1)))
+    # The node's next job: restart after a step, start an idle node that became ready after a receive.
+    draw = asynchrony_lib.sample(static.compute_kind, k_time, params["compute_scales"][node])
+    due = carry.now + draw * params["stragglers"][node]
+    ready = program.ready(observed)
+    current = carry.step_time[node]
+    after_step = jnp.where(alive & ready, due, jnp.inf)
+    after_receive = jnp.where(alive & jnp.isinf(current) & ready, due, current)
+    next_time = jnp.where(idle, current, jnp.where(is_step, after_step, after_receive))
 
-        return jax.lax.cond(carry.now < crash[dst], alive, dead, carry)
-
-    branches = [functools.partial(deliver_branch, ci) for ci in range(len(static.channel_names))]
-    branches += [step_branch, lambda carry: carry]
-    index = jnp.where(jnp.isinf(now), len(branches) - 1, which)
-    carry = jax.lax.switch(index, branches, carry)
     c = carry.counters
-    return carry._replace(counters=c._replace(events=c.events + 1))
+    delivered = ~idle & ~is_step
+    one_hot = (jnp.arange(nc) == which) & delivered
+    c = c._replace(
+        events=c.events + 1,
+        steps=c.steps.at[node].add((is_step & alive).astype(jnp.int32)),
+        delivered=c.delivered + (one_hot & alive).astype(jnp.int32),
+        dropped=c.dropped + (one_hot & ~alive).astype(jnp.int32),
+    )
+    return carry._replace(
+        states=_tree_set(carry.states, node, observed),
+        step_time=carry.step_time.at[node].set(next_time),
+        counters=c,
+    )
 
 
 def _log_event(static: _Static, carry: _Carry, which, now, crash) -> _Carry:
@@ -345,11 +412,11 @@ def _log_event(static: _Static, carry: _Carry, which, now, crash) -> _Carry:
     nc = len(static.channel_names)
     nodes, srcs, seqs = [], [], []
     for pool in carry.pools:
-        m = jnp.argmin(pool.time)
+        m = _argmin(pool.time)
         nodes.append(pool.dst[m])
         srcs.append(pool.src[m])
         seqs.append(pool.seq[m])
-    nodes.append(jnp.argmin(carry.step_time).astype(jnp.int32))
+    nodes.append(_argmin(carry.step_time))
     srcs.append(jnp.int32(-1))
     seqs.append(jnp.int32(-1))
     node = jnp.stack(nodes)[which]
@@ -389,7 +456,10 @@ def event_keys(seed, event) -> tuple[jax.Array, ...]:
     ``k_batch`` draws the minibatch and ``k_handler`` is the key a handler gets; any executor that
     replays a simulation derives them the same way.
     """
-    _, k_run = root_keys(seed)
+    return _event_keys(root_keys(seed)[1], event)
+
+
+def _event_keys(k_run, event) -> tuple[jax.Array, ...]:
     return tuple(jax.random.split(jax.random.fold_in(k_run, event), 4))
 
 
@@ -416,7 +486,19 @@ def _init_carry(static: _Static, params: dict, seed, log_size: int) -> _Carry:
             lambda t: jnp.zeros((static.pool_size, *jnp.shape(t)), jnp.result_type(t)), payload_template
         )
         z = jnp.zeros((static.pool_size,), jnp.int32)
-        pools.append(_Pool(jnp.full((static.pool_size,), jnp.inf, jnp.float32), z, z, z, z, payload))
+        free = jnp.arange(static.pool_size, dtype=jnp.int32)[::-1]
+        pools.append(
+            _Pool(
+                free,
+                jnp.int32(static.pool_size),
+                jnp.full((static.pool_size,), jnp.inf, jnp.float32),
+                z,
+                z,
+                z,
+                z,
+                payload,
+            )
+        )
     nc = len(static.channel_names)
     zc = jnp.zeros((nc,), jnp.int32)
     counters = Counters(
@@ -518,6 +600,10 @@ def run(
     start. A chunk stops early if no event is pending or after ``max_events_per_record`` events.
     """
     carry = _init_carry(static, params, seed, log_size)
+    k_run = root_keys(seed)[1]
+    op_templates = _op_templates(
+        static, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), carry.states)
+    )
 
     def chunk(carry, r):
         target = r * record_every  # r = 0 records the initial state
@@ -534,7 +620,7 @@ def run(
             )
 
         def body(carry):
-            return _event(static, params, carry, event_keys(seed, carry.counters.events))
+            return _event(static, params, carry, _event_keys(k_run, carry.counters.events), op_templates)
 
         carry = jax.lax.while_loop(cond, body, carry)
         return carry, _metrics(static, carry, params)
