@@ -34,6 +34,7 @@ from jaxasync._src import assignment as assignment_lib
 from jaxasync._src import program as program_lib
 from jaxasync._src import topology as topology_lib
 from jaxasync._src import transforms as transforms_lib
+from jaxasync._src.algorithms import base
 
 PyTree = Any
 
@@ -77,18 +78,6 @@ class AsGradState(NamedTuple):
     head: jax.Array
     size: jax.Array
     overflow: jax.Array
-
-
-def _check_optimizer(learning_rate, optimizer, name: str):
-    if (learning_rate is None) == (optimizer is None):
-        raise ValueError(f"{name}: pass exactly one of learning_rate and optimizer.")
-    if optimizer is None:
-        return optax.sgd(learning_rate)
-    if not isinstance(optimizer, optax.GradientTransformation | optax.GradientTransformationExtraArgs):
-        raise TypeError(
-            f"{name}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
-        )
-    return optimizer
 
 
 def _job_payload(params: PyTree) -> PyTree:
@@ -145,6 +134,12 @@ def asgrad(
     Returns:
       A :class:`~jaxasync._src.program.NodeProgram` with ``num_nodes = num_workers + 1``.
 
+    Raises:
+      ValueError: an unknown ``policy``, ``num_workers`` or ``queue_capacity`` below 1, not exactly
+        one of ``learning_rate`` / ``optimizer``, or a learning rate that is not positive and finite.
+      TypeError: a non-int ``num_workers`` or ``queue_capacity``, a learning rate that is not a
+        number, or an optimizer that is not an Optax one.
+
     Example:
       >>> import jaxasync as ja
       >>> prog = asgrad(num_workers=4, policy="shuffled", learning_rate=0.05)
@@ -158,22 +153,18 @@ def asgrad(
       Islamov, Safaryan and Alistarh, "AsGrad: a sharp unified analysis of asynchronous-SGD
       algorithms", AISTATS 2024 (arXiv:2310.20452).
     """
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer):
-        raise TypeError(f"asgrad: num_workers must be an int, got {type(num_workers).__name__}")
-    if num_workers < 1:
-        raise ValueError(f"asgrad: num_workers must be >= 1, got {num_workers}")
-    num_workers = int(num_workers)
+    name = "asgrad"
+    num_workers = base.positive_int(name, "num_workers", num_workers)
     policy_fn = assignment_lib.assignment_policy(policy)  # ValueError on an unknown name
-    opt = _check_optimizer(learning_rate, optimizer, "asgrad")
+    opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
     if staleness is not None:
         # After the optimizer: it scales the step (a factor before Adam-like rules would cancel).
         opt = optax.chain(opt, staleness)
     opt = optax.with_extra_args_support(opt)
     if queue_capacity is None:
         queue_capacity = 1 if policy == "pure" else num_workers
-    if isinstance(queue_capacity, bool) or not isinstance(queue_capacity, int) or queue_capacity < 1:
-        raise ValueError(f"asgrad: queue_capacity must be a positive int, got {queue_capacity!r}")
-    n, server, cap = num_workers + 1, num_workers, queue_capacity
+    cap = base.positive_int(name, "queue_capacity", queue_capacity)
+    n, server = num_workers + 1, num_workers
 
     jobs_adj = np.zeros((n, n), bool)
     jobs_adj[server, :server] = True
@@ -193,7 +184,7 @@ def asgrad(
             delay_sum=zero,
             delay_max=zero,
             # The server cannot send at init: the first job (x_0, 0) starts in each worker's queue.
-            queue=jax.tree.map(lambda p: jnp.broadcast_to(p, (cap, *jnp.shape(p))), params),
+            queue=base.stack(params, cap),
             queue_iter=jnp.zeros((cap,), jnp.int32),
             head=zero,
             size=(node < server).astype(jnp.int32),
@@ -203,12 +194,8 @@ def asgrad(
     def step(state, grad_fn, batch, key):
         del key  # the batch is the only randomness of a worker's job
         snapshot = jax.tree.map(lambda q: q[state.head], state.queue)
-        g = grad_fn(snapshot, batch)
-        g = jax.tree.map(lambda a, p: a.astype(p.dtype), g, snapshot)
-        out = program_lib.Outbox(
-            jax.tree.map(lambda x: x[None], (g, state.queue_iter[state.head])),
-            jnp.ones((1,), bool),
-        )
+        g = base.cast_like(grad_fn(snapshot, batch), snapshot)
+        out = program_lib.Outbox(base.stack((g, state.queue_iter[state.head]), 1), jnp.ones((1,), bool))
         state = state._replace(head=(state.head + 1) % cap, size=state.size - 1)
         return state, program_lib.Emit(outbox={"grad": out})
 
@@ -216,15 +203,10 @@ def asgrad(
         # Only the server receives gradients; msg.slot is the sender's worker id (sorted in-table).
         g, assigned_at = msg.payload
         delay = state.count - assigned_at
-        updates, opt_state = opt.update(g, state.opt_state, state.params, delay=delay)
-        params = optax.apply_updates(state.params, updates)
-        params = jax.tree.map(lambda a, p: a.astype(p.dtype), params, state.params)
+        params, opt_state = base.descend(opt, g, state.opt_state, state.params, delay=delay)
         worker, assign = policy_fn.assign(state.assign, msg.slot)
         count = state.count + 1
-        out = program_lib.Outbox(
-            jax.tree.map(lambda x: jnp.broadcast_to(x, (num_workers, *jnp.shape(x))), (params, count)),
-            jnp.arange(num_workers) == worker,
-        )
+        out = program_lib.Outbox(base.stack((params, count), num_workers), jnp.arange(num_workers) == worker)
         state = state._replace(
             params=params,
             opt_state=opt_state,
@@ -273,7 +255,7 @@ def asgrad(
         }
 
     return program_lib.NodeProgram(
-        name=f"asgrad_{policy}",
+        name=f"{name}_{policy}",
         init=init,
         step=step,
         params=lambda s: s.params,
@@ -334,14 +316,17 @@ def delay_adaptive_asgd(
     Returns:
       A node program (layout as in :func:`asgrad`).
 
+    Raises:
+      ValueError / TypeError: as :func:`asgrad` for ``num_workers`` and ``learning_rate`` (the rule
+        is a step size of plain SGD, so there is no ``optimizer`` argument).
+
     References:
       Mishchenko, Bach, Even and Woodworth, "Asynchronous SGD beats minibatch SGD under arbitrary
       delays", NeurIPS 2022 (arXiv:2206.07638).
     """
-    if learning_rate is None:
-        raise ValueError("delay_adaptive_asgd: learning_rate is required")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"delay_adaptive_asgd: num_workers must be a positive int, got {num_workers!r}")
+    name = "delay_adaptive_asgd"
+    num_workers = base.positive_int(name, "num_workers", num_workers)
+    learning_rate = base.check_learning_rate(name, learning_rate)
     staleness = transforms_lib.scale_by_staleness(
         "delay_adaptive",
         num_workers=num_workers,
@@ -354,4 +339,4 @@ def delay_adaptive_asgd(
         learning_rate=learning_rate,
         staleness=staleness,
     )
-    return dataclasses.replace(prog, name="delay_adaptive_asgd")
+    return dataclasses.replace(prog, name=name)

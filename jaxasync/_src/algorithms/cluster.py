@@ -50,8 +50,11 @@ import optax
 from jaxasync._src import agreement as agreement_lib
 from jaxasync._src import program as program_lib
 from jaxasync._src import topology as topology_lib
+from jaxasync._src.algorithms import base
 
 PyTree = Any
+
+__all__ = ["ClusterAgreementState", "ClusterSGDState", "cluster_sgd"]
 
 _VARIANTS = ("average", "agreement")
 _QUORUMS = ("processes", "clusters")
@@ -170,38 +173,6 @@ def _cluster_assignment(clusters) -> np.ndarray:
     )
 
 
-def _local_optimizer(learning_rate, schedule, optimizer) -> optax.GradientTransformation:
-    given = [x is not None for x in (learning_rate, schedule, optimizer)]
-    if sum(given) != 1:
-        raise ValueError("cluster_sgd: pass exactly one of learning_rate, schedule and optimizer.")
-    if optimizer is not None:
-        if not isinstance(optimizer, optax.GradientTransformation):
-            raise TypeError(
-                "cluster_sgd: optimizer must be an optax.GradientTransformation, got "
-                f"{type(optimizer).__name__}."
-            )
-        return optimizer
-    if schedule is not None:
-        if not callable(schedule):
-            raise TypeError("cluster_sgd: schedule must be callable as schedule(count) -> step.")
-        return optax.sgd(schedule)
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float):
-        raise TypeError(f"cluster_sgd: learning_rate must be a float, got {type(learning_rate).__name__}.")
-    if not learning_rate > 0:
-        raise ValueError(f"cluster_sgd: learning_rate must be positive, got {learning_rate}.")
-    return optax.sgd(learning_rate)
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"cluster_sgd: {name} must be a positive int, got {value!r}.")
-    return int(value)
-
-
-def _flat32(tree: PyTree) -> jax.Array:
-    return jax.flatten_util.ravel_pytree(tree)[0].astype(jnp.float32)
-
-
 def cluster_sgd(
     clusters: Sequence[int] | np.ndarray,
     *,
@@ -291,17 +262,20 @@ def cluster_sgd(
       Attiya and Schiller, "Asynchronous Fully-Decentralized SGD in the Cluster-Based Model",
       arXiv:2202.10862; Theoretical Computer Science 1031 (2025) 115073.
     """
+    name = "cluster_sgd"
     of = _cluster_assignment(clusters)
     n, m = int(of.size), int(of.max()) + 1
     sizes = np.bincount(of, minlength=m).astype(np.int32)
-    opt = _local_optimizer(learning_rate, schedule, optimizer)
+    opt = base.local_optimizer(
+        name, learning_rate=learning_rate, optimizer=optimizer, schedule=schedule, takes_schedule=True
+    )
     if variant not in _VARIANTS:
-        raise ValueError(f"cluster_sgd: variant must be one of {_VARIANTS}, got {variant!r}.")
+        raise ValueError(f"{name}: variant must be one of {_VARIANTS}, got {variant!r}.")
     if quorum not in _QUORUMS:
-        raise ValueError(f"cluster_sgd: quorum must be one of {_QUORUMS}, got {quorum!r}.")
-    slots = _check_positive_int(slots, "slots")
+        raise ValueError(f"{name}: quorum must be one of {_QUORUMS}, got {quorum!r}.")
+    slots = base.positive_int(name, "slots", slots)
     if variant == "average" and (agreement_rounds is not None or epsilon is not None):
-        raise ValueError("cluster_sgd: agreement_rounds and epsilon only apply to variant='agreement'.")
+        raise ValueError(f"{name}: agreement_rounds and epsilon only apply to variant='agreement'.")
     same = of[:, None] == of[None, :]
     remote = topology_lib.from_adjacency(~same, name="cluster-bipartite")
     kwargs = dict(
@@ -316,9 +290,9 @@ def cluster_sgd(
     )
     if variant == "average":
         return _algorithm_a(**kwargs)
-    rounds = 4 if agreement_rounds is None else _check_positive_int(agreement_rounds, "agreement_rounds")
+    rounds = 4 if agreement_rounds is None else base.positive_int(name, "agreement_rounds", agreement_rounds)
     if epsilon is not None and not (isinstance(epsilon, int | float) and epsilon > 0):
-        raise ValueError(f"cluster_sgd: epsilon must be a positive float, got {epsilon!r}.")
+        raise ValueError(f"{name}: epsilon must be a positive float, got {epsilon!r}.")
     return _algorithm_b(rounds=rounds, quorum=quorum, epsilon=epsilon, **kwargs)
 
 
@@ -353,9 +327,7 @@ def _algorithm_a(*, of, n, m, sizes, opt, slots, same, remote):
 
     def step(state, grad_fn, batch, key):
         del key  # no randomness beyond the minibatch
-        g = grad_fn(state.x, batch)
-        updates, opt_state = opt.update(g, state.opt_state, state.x)
-        y = optax.apply_updates(state.x, updates)
+        y, opt_state = base.descend(opt, grad_fn(state.x, batch), state.opt_state, state.x)
         write = program_lib.RegisterWrite(slot=state.t % K, tag=state.t, value=y, mask=jnp.asarray(True))
         outbox = {}
         if has_remote:
@@ -524,9 +496,8 @@ def _algorithm_b(*, of, n, m, sizes, opt, slots, same, remote, rounds, quorum, e
         t_next = jnp.where(state.phase == _NEW_ITERATION, state.t, t_done + 1)
 
         def sgd(x):
-            g = grad_fn(x, batch)
-            updates, opt_state = opt.update(g, state.opt_state, x)
-            return _flat32(optax.apply_updates(x, updates)), opt_state
+            y, opt_state = base.descend(opt, grad_fn(x, batch), state.opt_state, x)
+            return base.flat32(y), opt_state
 
         def skip(x):
             del x  # mid-agreement: no gradient this event

@@ -21,6 +21,7 @@ import optax
 
 from jaxasync._src import program as program_lib
 from jaxasync._src import topology as topology_lib
+from jaxasync._src.algorithms import base
 
 PyTree = Any
 
@@ -57,18 +58,6 @@ class DasgdState(NamedTuple):
     seen: jax.Array
     window: jax.Array
     given_up: jax.Array
-
-
-def _check_optimizer(learning_rate, optimizer, name: str):
-    if (learning_rate is None) == (optimizer is None):
-        raise ValueError(f"{name}: pass exactly one of learning_rate and optimizer.")
-    if optimizer is None:
-        return optax.sgd(learning_rate)
-    if not isinstance(optimizer, optax.GradientTransformation | optax.GradientTransformationExtraArgs):
-        raise TypeError(
-            f"{name}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
-        )
-    return optimizer
 
 
 def _trailing_ones(m: jax.Array) -> jax.Array:
@@ -134,6 +123,12 @@ def dasgd(
     Returns:
       A :class:`~jaxasync._src.program.NodeProgram`; ``evaluate`` is the average of the live models.
 
+    Raises:
+      ValueError: ``num_nodes`` below 1, a graph of another size or not strongly connected, not
+        exactly one of ``learning_rate`` / ``optimizer``, or a learning rate that is not positive.
+      TypeError: a non-int ``num_nodes``, a ``graph`` that is not a Graph, a learning rate that is
+        not a number, or an optimizer that is not an Optax one.
+
     Example:
       >>> prog = dasgd(num_nodes=4, learning_rate=0.05)
       >>> asynchrony = jaxasync.Asynchrony(delay=jaxasync.exponential(0.5))  # doctest: +SKIP
@@ -142,20 +137,14 @@ def dasgd(
     References:
       Tosi and Theobald, "Convergence analysis of decentralized ASGD", arXiv:2309.03754 (2023).
     """
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int | np.integer):
-        raise TypeError(f"dasgd: num_nodes must be an int, got {type(num_nodes).__name__}")
-    if num_nodes < 1:
-        raise ValueError(f"dasgd: num_nodes must be >= 1, got {num_nodes}")
-    n = int(num_nodes)
-    opt = _check_optimizer(learning_rate, optimizer, "dasgd")
-    if graph is None:
-        graph = topology_lib.complete(n)
-    if not isinstance(graph, topology_lib.Graph):
-        raise TypeError(f"dasgd: graph must be a jaxasync.topology.Graph, got {type(graph).__name__}")
+    name = "dasgd"
+    n = base.positive_int(name, "num_nodes", num_nodes)
+    opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
+    graph = topology_lib.complete(n) if graph is None else base.check_graph(name, graph)
     if graph.n != n:
-        raise ValueError(f"dasgd: graph has {graph.n} nodes, num_nodes is {n}")
+        raise ValueError(f"{name}: graph has {graph.n} nodes, num_nodes is {n}")
     if n > 1 and len(topology_lib.roots_of_spanning_trees(graph)) != n:
-        raise ValueError(f"dasgd: graph {graph.name!r} must be strongly connected to flood updates")
+        raise ValueError(f"{name}: graph {graph.name!r} must be strongly connected to flood updates")
     flood = not np.array_equal(graph.adjacency, ~np.eye(n, dtype=bool))
 
     def payload(params):  # (update, origin, origin's sequence number)
@@ -184,9 +173,7 @@ def dasgd(
 
     def step(state, grad_fn, batch, key):
         del key  # the batch is the only randomness
-        g = grad_fn(state.params, batch)
-        u, opt_state = opt.update(g, state.opt_state, state.params)
-        u = jax.tree.map(lambda v, p: v.astype(p.dtype), u, state.params)
+        u, opt_state = base.update(opt, grad_fn(state.params, batch), state.opt_state, state.params)
         out = program_lib.broadcast_outbox(channel, state.node, (u, state.node, state.generated))
         state = state._replace(
             params=add(state.params, u),
@@ -246,7 +233,7 @@ def dasgd(
         }
 
     return program_lib.NodeProgram(
-        name="dasgd",
+        name=name,
         init=init,
         step=step,
         params=lambda s: s.params,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxasync._src import program as program_lib
+from jaxasync._src.algorithms import base
 
 PyTree = Any
 
@@ -58,6 +59,11 @@ def sgd(
     Returns:
       A :class:`~jaxasync._src.program.NodeProgram` for any number of nodes.
 
+    Raises:
+      ValueError: not exactly one of ``learning_rate`` / ``optimizer``, or a learning rate that is
+        not positive and finite.
+      TypeError: a learning rate that is not a number, or an optimizer that is not an Optax one.
+
     Example:
       >>> prog = sgd(learning_rate=0.1)
       >>> state = prog.init(0, jnp.ones(2), None)
@@ -69,27 +75,16 @@ def sgd(
     References:
       Robbins and Monro, "A stochastic approximation method", Ann. Math. Statist. 1951.
     """
-    if (learning_rate is None) == (optimizer is None):
-        raise ValueError("sgd: pass exactly one of learning_rate and optimizer.")
-    if optimizer is None:
-        optimizer = optax.sgd(learning_rate)
-    elif not isinstance(optimizer, optax.GradientTransformation | optax.GradientTransformationExtraArgs):
-        raise TypeError(
-            f"sgd: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
-        )
+    name = "sgd"
+    opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
 
     def init(node, params, key):
         del key  # deterministic
-        return SgdState(
-            jnp.asarray(node, jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32)
-        )
+        return SgdState(jnp.asarray(node, jnp.int32), params, opt.init(params), jnp.zeros((), jnp.int32))
 
     def step(state, grad_fn, batch, key):
         del key  # the batch is the only randomness
-        g = grad_fn(state.params, batch)
-        updates, opt_state = optimizer.update(g, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        params = jax.tree.map(lambda a, p: a.astype(p.dtype), params, state.params)
+        params, opt_state = base.descend(opt, grad_fn(state.params, batch), state.opt_state, state.params)
         return SgdState(state.node, params, opt_state, state.count + 1), program_lib.Emit()
 
     def evaluate(states, views):
@@ -97,7 +92,7 @@ def sgd(
         return jax.tree.map(lambda x: x[0], states.params)
 
     return program_lib.NodeProgram(
-        name="sgd",
+        name=name,
         init=init,
         step=step,
         params=lambda s: s.params,

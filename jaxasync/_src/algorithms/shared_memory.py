@@ -28,8 +28,11 @@ import optax
 
 from jaxasync._src import compression as compression_lib
 from jaxasync._src import program as program_lib
+from jaxasync._src.algorithms import base
 
 PyTree = Any
+
+__all__ = ["HogwildState", "SparsifiedSGDState", "hogwild", "sparsified_sgd"]
 
 _METHODS = ("topk", "randk")
 
@@ -77,32 +80,6 @@ class SparsifiedSGDState(NamedTuple):
     b_count: jax.Array
 
 
-def _local_optimizer(learning_rate, optimizer, where: str) -> optax.GradientTransformation:
-    """The local step: ``optax.sgd(learning_rate)`` or the user's optimizer (exactly one)."""
-    if (learning_rate is None) == (optimizer is None):
-        raise ValueError(f"{where}: pass exactly one of learning_rate and optimizer.")
-    if optimizer is not None:
-        if not isinstance(optimizer, optax.GradientTransformation):
-            raise TypeError(
-                f"{where}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
-            )
-        return optimizer
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float):
-        raise TypeError(f"{where}: learning_rate must be a float, got {type(learning_rate).__name__}.")
-    if not learning_rate > 0:
-        raise ValueError(f"{where}: learning_rate must be positive, got {learning_rate}.")
-    return optax.sgd(learning_rate)
-
-
-def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
-    # The shared buffer is float32; the worker computes in the model's own dtypes.
-    return jax.tree.map(lambda x, ref: jnp.asarray(x).astype(ref.dtype), tree, like)
-
-
-def _flat32(tree: PyTree) -> jax.Array:
-    return jax.flatten_util.ravel_pytree(tree)[0].astype(jnp.float32)
-
-
 def _buffer_view(views) -> PyTree:
     return views["params"]
 
@@ -147,7 +124,8 @@ def hogwild(
       Recht, Re, Wright and Niu, "Hogwild!: A Lock-Free Approach to Parallelizing Stochastic
       Gradient Descent", NeurIPS 2011.
     """
-    opt = _local_optimizer(learning_rate, optimizer, "hogwild")
+    name = "hogwild"
+    opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
 
     def init(node, params, key):
         del key  # Hogwild is deterministic given the minibatches
@@ -166,14 +144,15 @@ def hogwild(
         return state, program_lib.Emit(ops={"params": program_lib.BufferAdd(updates)})
 
     def observe(state, views):
-        return state._replace(view=_cast_like(_buffer_view(views), state.view))
+        # The shared buffer is float32; the worker computes in the model's own dtypes.
+        return state._replace(view=base.cast_like(_buffer_view(views), state.view))
 
     def evaluate(states, views):
         del states  # the model is the shared buffer
         return _buffer_view(views)
 
     return program_lib.NodeProgram(
-        name="hogwild",
+        name=name,
         init=init,
         step=step,
         params=lambda state: state.view,
@@ -252,17 +231,16 @@ def sparsified_sgd(
       Consistency Model for Distributed Stochastic Gradient Descent", AAAI 2021 (arXiv:2001.05918);
       Stich, Cordonnier and Jaggi, "Sparsified SGD with Memory", NeurIPS 2018.
     """
-    where = "sparsified_sgd"
-    opt = _local_optimizer(learning_rate, optimizer, where)
+    name = "sparsified_sgd"
+    opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
     compression_lib.k_from_density(1, density)  # validates density (TypeError / ValueError)
     if method not in _METHODS:
-        raise ValueError(f"{where}: method must be one of {_METHODS}, got {method!r}.")
+        raise ValueError(f"{name}: method must be one of {_METHODS}, got {method!r}.")
     if scale and method != "randk":
-        raise ValueError(f"{where}: scale=True only applies to method='randk'.")
+        raise ValueError(f"{name}: scale=True only applies to method='randk'.")
     if scale and error_feedback:
         raise ValueError(
-            f"{where}: scaled rand-k is not a contraction; do not combine scale=True with "
-            "error_feedback=True."
+            f"{name}: scaled rand-k is not a contraction; do not combine scale=True with error_feedback=True."
         )
     eta = float(learning_rate) if learning_rate is not None else 1.0
 
@@ -274,7 +252,7 @@ def sparsified_sgd(
 
     def init(node, params, key):
         del key  # workers start from the shared initial model
-        d = _flat32(params).size
+        d = base.flat32(params).size
         return SparsifiedSGDState(
             node=jnp.asarray(node, jnp.int32),
             count=jnp.int32(0),
@@ -290,7 +268,7 @@ def sparsified_sgd(
     def step(state, grad_fn, batch, key):
         g = grad_fn(state.view, batch)
         updates, opt_state = opt.update(g, state.opt_state, state.view)
-        u = _flat32(updates)
+        u = base.flat32(updates)
         if error_feedback:
             sent, residual, sparse = compression_lib.ef_compress(
                 state.residual, u, lambda a: compress(a, key), has_aux=True
@@ -303,7 +281,7 @@ def sparsified_sgd(
             intended = u if error_feedback else sent
             unravel = jax.flatten_util.ravel_pytree(state.view)[1]
             ops["virtual"] = program_lib.BufferAdd(unravel(intended))
-            virtual_ref = _flat32(state.view) + intended
+            virtual_ref = base.flat32(state.view) + intended
         state = state._replace(
             count=state.count + 1,
             opt_state=opt_state,
@@ -313,12 +291,12 @@ def sparsified_sgd(
         return state, program_lib.Emit(ops=ops)
 
     def observe(state, views):
-        view = _cast_like(_buffer_view(views), state.view)
+        view = base.cast_like(_buffer_view(views), state.view)
         if not track_consistency:
             return state._replace(view=view)
         # x_t - v_t = (virtual now - own update) - v_t = virtual now - virtual_ref; nothing to
         # measure before the first step (the call right after init).
-        b = jnp.linalg.norm(_flat32(views["virtual"]) - state.virtual_ref) / eta
+        b = jnp.linalg.norm(base.flat32(views["virtual"]) - state.virtual_ref) / eta
         measured = state.count > state.b_count
         return state._replace(
             view=view,
@@ -341,7 +319,7 @@ def sparsified_sgd(
     if track_consistency:
         shared["virtual"] = program_lib.Buffer()
     return program_lib.NodeProgram(
-        name="sparsified_sgd" if error_feedback else "sparsified_sgd_no_ef",
+        name=name if error_feedback else f"{name}_no_ef",
         init=init,
         step=step,
         params=lambda state: state.view,
