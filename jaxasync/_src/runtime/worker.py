@@ -17,6 +17,7 @@ traceback through a pipe if it fails.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import sys
 import time
@@ -51,6 +52,11 @@ STATUS_READY, STATUS_RUNNING, STATUS_DONE = 1, 2, 3
 # Idle back-off: sleep this long (doubling up to the max) when a loop iteration did nothing.
 _IDLE_MIN, _IDLE_MAX = 20e-6, 1e-3
 _SYNC_EVERY = 32
+BATCH = 8  # messages of one channel handled by one compiled call when several are waiting
+
+
+def _row(j, x):
+    return x[j]
 
 
 def thread_env(parent_platform: str | None) -> dict:
@@ -305,6 +311,25 @@ class Worker:
 
             return receive_fn
 
+        def make_receive_many(cname):
+            # BATCH messages of one channel in one call (the first `count` are real). Exact: the
+            # handlers run in order and receive handlers read no shared object, so applying their
+            # operations after the batch (in order) changes nothing they see.
+            def receive_many_fn(state, slots, seqs, payloads, count):
+                def body(st, xs):
+                    i, slot, seq, payload = xs
+                    new, emit = program.receive[cname](st, P.Message(slot, seq, payload))
+                    outbox, ops = flat_ops(emit)
+                    keep = i < count
+                    st = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, st)
+                    return st, (outbox, ops)
+
+                xs = (jnp.arange(BATCH, dtype=jnp.int32), slots, seqs, payloads)
+                state, (outboxes, opss) = jax.lax.scan(body, state, xs)
+                return state, outboxes, opss, program.ready(state)
+
+            return receive_many_fn
+
         def init_fn(key):
             return program.init(node32, problem.init_params, key)
 
@@ -315,15 +340,24 @@ class Worker:
         self.step_fn = lift_jit(step_fn, state, i32)
         buffers0, registers0 = self._read_views()
         self.observe_fn = lift_jit(observe_fn, state, buffers0, registers0)
-        self.receive_fns = []
+        self.receive_fns, self.receive_many_fns = [], []
+        zb = np.zeros(BATCH, np.int32)
         for ci, cname in enumerate(self.channel_names):
             payload0 = self.codecs[ci].decode(np.zeros(self.codecs[ci].size, np.uint8))
             self.receive_fns.append(lift_jit(make_receive(cname), state, i32, i32, payload0))
+            if self.events is None:  # free mode batches floods of messages
+                payloads0 = self.codecs[ci].decode(np.zeros((BATCH, self.codecs[ci].size), np.uint8), (BATCH,))
+                self.receive_many_fns.append(
+                    lift_jit(make_receive_many(cname), state, zb, zb, payloads0, i32)
+                )
         # Warm up (compile) every handler on the initial state; results are discarded (pure).
         jax.block_until_ready(self.step_fn(state, i32))
         for ci, fn in enumerate(self.receive_fns):
             payload0 = self.codecs[ci].decode(np.zeros(self.codecs[ci].size, np.uint8))
             jax.block_until_ready(fn(state, i32, i32, payload0))
+        for ci, fn in enumerate(self.receive_many_fns):
+            payloads0 = self.codecs[ci].decode(np.zeros((BATCH, self.codecs[ci].size), np.uint8), (BATCH,))
+            jax.block_until_ready(fn(state, zb, zb, payloads0, i32))
         # The initial observe is real: the simulator observes once after init.
         self.read_version = self.ctrl.load(VERSION)
         state, ready = self.observe_fn(state, buffers0, registers0)
@@ -469,6 +503,49 @@ class Worker:
         self._after_ops_and_state(state, outbox, ops, step=False)
         self.stats["delivered"] += 1
 
+    def do_receive_many(self, ci: int, msgs: list) -> None:
+        """Up to BATCH messages of channel ``ci`` in one compiled call."""
+        k = len(msgs)
+        codec = self.codecs[ci]
+        raw = np.zeros((BATCH, codec.size), np.uint8)
+        slots, seqs = np.zeros(BATCH, np.int32), np.zeros(BATCH, np.int32)
+        for j, m in enumerate(msgs):
+            raw[j], slots[j], seqs[j] = m.payload, m.slot, m.seq
+        payloads = codec.decode(raw, (BATCH,))
+        state, outboxes, opss, ready = self.receive_many_fns[ci](
+            self.state, slots, seqs, payloads, np.int32(k)
+        )
+        self.ready = bool(ready)
+        outboxes, opss = self.jax.device_get((outboxes, opss))
+        self.state = state
+        for j in range(k):
+            pick = functools.partial(_row, j)
+            self._apply_ops(self.jax.tree.map(pick, opss), count_staleness=False)
+            self._send(self.jax.tree.map(pick, outboxes))
+        self.stats["delivered"] += k
+
+    def receive_pending(self) -> bool:
+        """Handles the messages drained so far (batched per channel); True if there were any."""
+        if not self.pending:
+            return False
+        msgs = list(self.pending)
+        self.pending.clear()
+        if not self.receive_many_fns:
+            for m in msgs:
+                self.do_receive(m)
+            return True
+        by_channel = collections.defaultdict(list)
+        for m in msgs:  # per channel in arrival order (arrival order across mailboxes is arbitrary)
+            by_channel[m.channel].append(m)
+        for ci, ms in sorted(by_channel.items()):
+            for start in range(0, len(ms), BATCH):
+                chunk = ms[start : start + BATCH]
+                if len(chunk) == 1:
+                    self.do_receive(chunk[0])
+                else:
+                    self.do_receive_many(ci, chunk)
+        return True
+
     # ------------------------------------------------------------------ reporting
 
     def publish_counters(self, full: bool = True) -> None:
@@ -524,11 +601,10 @@ class Worker:
         rounds = 0
         while True:
             did = False
+            # One round: the messages that are here now, then (if ready) one step. Bounding the
+            # receives per round keeps a node that is flooded by faster neighbours stepping.
             self._drain()
-            while self.pending:
-                self.do_receive(self.pending.popleft())
-                did = True
-                self._drain_if_long()
+            did = self.receive_pending()
             self.maybe_report()
             if ctrl.load(STOP):
                 return
@@ -554,10 +630,6 @@ class Worker:
                 self.publish_counters()
                 time.sleep(idle)
                 idle = min(2 * idle, _IDLE_MAX)
-
-    def _drain_if_long(self) -> None:
-        if len(self.pending) < 4:
-            self._drain()
 
     def _replay(self) -> None:
         ev = self.events
