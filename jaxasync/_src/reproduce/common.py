@@ -68,8 +68,9 @@ class Report:
                 lines.append("  ".join("-" * w for w in widths))
         lines.append("")
         for c in self.checks:
-            lines.append(f"[{'PASS' if c.passed else 'FAIL'}] {c.claim}" + (f" ({c.detail})" if c.detail
-                                                                            else ""))
+            lines.append(
+                f"[{'PASS' if c.passed else 'FAIL'}] {c.claim}" + (f" ({c.detail})" if c.detail else "")
+            )
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
@@ -80,13 +81,21 @@ class Report:
         json_path = os.path.join(out, f"{self.name}.json")
         with open(json_path, "w") as f:
             json.dump(
-                dict(name=self.name, title=self.title, columns=list(self.columns),
-                     rows=[[_plain(v) for v in row] for row in self.rows],
-                     checks=[dataclasses.asdict(c) for c in self.checks], notes=self.notes,
-                     passed=self.passed,
-                     curves={k: [_plain(np.asarray(x)), _plain(np.asarray(y))]
-                             for k, (x, y) in self.curves.items()}),
-                f, indent=1)
+                dict(
+                    name=self.name,
+                    title=self.title,
+                    columns=list(self.columns),
+                    rows=[[_plain(v) for v in row] for row in self.rows],
+                    checks=[dataclasses.asdict(c) for c in self.checks],
+                    notes=self.notes,
+                    passed=self.passed,
+                    curves={
+                        k: [_plain(np.asarray(x)), _plain(np.asarray(y))] for k, (x, y) in self.curves.items()
+                    },
+                ),
+                f,
+                indent=1,
+            )
         self.files = [json_path]
         if self.curves:
             import matplotlib
