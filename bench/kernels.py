@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxasync as ja
 from jaxasync._src import program as program_lib
 from jaxasync._src.algorithms import registry
 
@@ -97,7 +96,8 @@ def _views(program, params):
             template = program_lib.resolve(spec.template, params)
             views[name] = program_lib.RegistersView(
                 jnp.full((n, spec.slots), -1, jnp.int32),
-                jax.tree.map(lambda t: jnp.zeros((n, spec.slots, *t.shape), t.dtype), template))
+                jax.tree.map(lambda t: jnp.zeros((n, spec.slots, *t.shape), t.dtype), template),
+            )
     return views
 
 
@@ -114,9 +114,11 @@ def step_cost(program, d: int, repeats: int):
 
     # Which state leaves does a step change? (Those are written; the others are only read.)
     new_state, emit = jax.jit(step)(state, grad, jax.random.key(2))
-    changed = sum(x.size * x.dtype.itemsize
-                  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(new_state))
-                  if x.shape != y.shape or not bool(jnp.array_equal(x, y)))
+    changed = sum(
+        x.size * x.dtype.itemsize
+        for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(new_state))
+        if x.shape != y.shape or not bool(jnp.array_equal(x, y))
+    )
     touched = _nbytes(state) + _nbytes(grad) + changed + _nbytes(emit)
 
     donated = jax.jit(step, donate_argnums=0)
@@ -140,8 +142,9 @@ def main(argv=None):
     print(f"device: {jax.devices()[0]}  d = 2^{args.log2d}  nodes = {NODES}")
     bandwidth = numpy_bandwidth(d, args.repeats)
     t_optax = optax_step_time(d, args.repeats)
-    print(f"anchors: numpy in-place bandwidth {bandwidth / 1e9:.1f} GB/s; optax.sgd step "
-          f"{t_optax * 1e3:.3f} ms")
+    print(
+        f"anchors: numpy in-place bandwidth {bandwidth / 1e9:.1f} GB/s; optax.sgd step {t_optax * 1e3:.3f} ms"
+    )
     header = ("algorithm", "step ms", "vs optax.sgd", "MB touched", "bound ms", "vs bound", "target")
     rows = []
     for name, options in ALGORITHMS:
@@ -149,9 +152,17 @@ def main(argv=None):
         t, touched = step_cost(program, d, args.repeats)
         bound = touched / bandwidth
         label = name + "".join(f" {k}={v}" for k, v in options.items())
-        rows.append((label, f"{t * 1e3:.3f}", f"{t / t_optax:.2f}x", f"{touched / 1e6:.1f}",
-                     f"{bound * 1e3:.3f}", f"{t / bound:.2f}x",
-                     "PASS" if t <= 2 * bound else "FAIL (<= 2x)"))
+        rows.append(
+            (
+                label,
+                f"{t * 1e3:.3f}",
+                f"{t / t_optax:.2f}x",
+                f"{touched / 1e6:.1f}",
+                f"{bound * 1e3:.3f}",
+                f"{t / bound:.2f}x",
+                "PASS" if t <= 2 * bound else "FAIL (<= 2x)",
+            )
+        )
     widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("  ".join("-" * w for w in widths))

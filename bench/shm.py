@@ -173,8 +173,7 @@ class Pool:
         self.conns, self.procs = [], []
         for _ in range(2):
             parent, child = CTX.Pipe()
-            p = CTX.Process(target=_worker, args=(child, self.barrier, self.queue, torch_bufs),
-                            daemon=True)
+            p = CTX.Process(target=_worker, args=(child, self.barrier, self.queue, torch_bufs), daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -216,37 +215,70 @@ def bench_add(pool, sizes, procs_list, trials, seconds, torch_ok, rows, step):
             os.close(fd)
             for nproc in procs_list:
                 rates = {}
-                kinds = ["memcpy", "numpy"] + (["torch"] if torch_ok else []) + [
-                    "racy", "relaxed", "atomic"]
+                kinds = ["memcpy", "numpy"] + (["torch"] if torch_ok else []) + ["racy", "relaxed", "atomic"]
                 for kind in kinds:
                     step(f"add d=2^{e} {nproc} proc: {kind}")
                     per_call = (8 if kind == "memcpy" else 12) * d
                     target = {"numpy": np_path}.get(kind, buf)
                     n_trials = max(2, trials // 2) if kind == "atomic" else trials  # slow
-                    spans = pool.run(nproc, "loop", kind=kind, d=d, seconds=seconds,
-                                     trials=n_trials, sync=nproc > 1, target=target)
+                    spans = pool.run(
+                        nproc,
+                        "loop",
+                        kind=kind,
+                        d=d,
+                        seconds=seconds,
+                        trials=n_trials,
+                        sync=nproc > 1,
+                        target=target,
+                    )
                     rates[kind] = aggregate_rate(spans, per_call)
                 anchor = max(("numpy", "torch") if torch_ok else ("numpy",), key=rates.get)
                 label = {"numpy": "numpy subtract", "torch": "torch add_"}
                 where = f"d=2^{e}, {nproc} proc"
                 for kind in ("numpy", "torch") if torch_ok else ("numpy",):
-                    rows.append(row(f"anchor: {label[kind]} ({where})", gbs(rates[kind]),
-                                    None, None, None, None, rates[kind] / rates["memcpy"]))
+                    rows.append(
+                        row(
+                            f"anchor: {label[kind]} ({where})",
+                            gbs(rates[kind]),
+                            None,
+                            None,
+                            None,
+                            None,
+                            rates[kind] / rates["memcpy"],
+                        )
+                    )
                 for kind, target in (("racy", 1.0), ("relaxed", 0.5), ("atomic", None)):
-                    rows.append(row(f"ParamBuffer.add {kind} ({where})", gbs(rates[kind]),
-                                    f"{label[anchor]} {gbs(rates[anchor])}",
-                                    rates[kind] / rates[anchor], target, "x",
-                                    rates[kind] / rates["memcpy"]))
-                rows.append(row(f"anchor: memcpy np.copyto ({where})", gbs(rates["memcpy"]),
-                                None, None, None, None, 1.0))
+                    rows.append(
+                        row(
+                            f"ParamBuffer.add {kind} ({where})",
+                            gbs(rates[kind]),
+                            f"{label[anchor]} {gbs(rates[anchor])}",
+                            rates[kind] / rates[anchor],
+                            target,
+                            "x",
+                            rates[kind] / rates["memcpy"],
+                        )
+                    )
+                rows.append(
+                    row(
+                        f"anchor: memcpy np.copyto ({where})",
+                        gbs(rates["memcpy"]),
+                        None,
+                        None,
+                        None,
+                        None,
+                        1.0,
+                    )
+                )
         finally:
             pool.run(2, "release")
             buf.close()
             buf.unlink()
             os.unlink(np_path)
         if not torch_ok:
-            rows.append(row(f"anchor: torch add_ (d=2^{e})", "torch not installed",
-                            None, None, None, None, None))
+            rows.append(
+                row(f"anchor: torch add_ (d=2^{e})", "torch not installed", None, None, None, None, None)
+            )
 
 
 def bench_register(sizes, calls, trials, rows, step):
@@ -261,14 +293,43 @@ def bench_register(sizes, calls, trials, rows, step):
             t_alloc = best_time(reg.read, n, trials)
         anchor = f"np.copyto {us(t_copy)}"
         if d >= 1 << 20:
-            rows.append(row(f"Register.read(out) d={d}", us(t_read), anchor, t_copy / t_read,
-                            0.5, "% memcpy", t_copy / t_read))
-            rows.append(row(f"Register.write d={d}", us(t_write), anchor, t_copy / t_write,
-                            None, "% memcpy", t_copy / t_write))
+            rows.append(
+                row(
+                    f"Register.read(out) d={d}",
+                    us(t_read),
+                    anchor,
+                    t_copy / t_read,
+                    0.5,
+                    "% memcpy",
+                    t_copy / t_read,
+                )
+            )
+            rows.append(
+                row(
+                    f"Register.write d={d}",
+                    us(t_write),
+                    anchor,
+                    t_copy / t_write,
+                    None,
+                    "% memcpy",
+                    t_copy / t_write,
+                )
+            )
         else:
             for what, t in (("write", t_write), ("read(out)", t_read), ("read()", t_alloc)):
-                rows.append(row(f"Register.{what} d={d}", us(t), anchor, t_copy / t, None, "x",
-                                None, limit_us=2.0, t=t))
+                rows.append(
+                    row(
+                        f"Register.{what} d={d}",
+                        us(t),
+                        anchor,
+                        t_copy / t,
+                        None,
+                        "x",
+                        None,
+                        limit_us=2.0,
+                        t=t,
+                    )
+                )
 
 
 def bench_atomic(calls, trials, rows, step):
@@ -282,8 +343,19 @@ def bench_atomic(calls, trials, rows, step):
             v.value += 1
 
     t_anchor = best_time(locked_add, calls, trials)
-    rows.append(row("AtomicArray.fetch_add", us(t_ours), f"mp.Value+lock {us(t_anchor)}",
-                    t_anchor / t_ours, 3.0, "x", None, limit_us=0.5, t=t_ours))
+    rows.append(
+        row(
+            "AtomicArray.fetch_add",
+            us(t_ours),
+            f"mp.Value+lock {us(t_anchor)}",
+            t_anchor / t_ours,
+            3.0,
+            "x",
+            None,
+            limit_us=0.5,
+            t=t_ours,
+        )
+    )
 
 
 def bench_mailbox(pool, n, trials, rows, step):
@@ -309,9 +381,17 @@ def bench_mailbox(pool, n, trials, rows, step):
             pool.queue.get()
         t1 = time.perf_counter()
         best_queue = max(best_queue, n / (t1 - pool.conns[0].recv()))
-    rows.append(row("Mailbox send+recv 1k float32, 2 procs", f"{best_ours / 1e3:.0f}k msg/s",
-                    f"mp.Queue {best_queue / 1e3:.0f}k msg/s", best_ours / best_queue, 10.0, "x",
-                    None))
+    rows.append(
+        row(
+            "Mailbox send+recv 1k float32, 2 procs",
+            f"{best_ours / 1e3:.0f}k msg/s",
+            f"mp.Queue {best_queue / 1e3:.0f}k msg/s",
+            best_ours / best_queue,
+            10.0,
+            "x",
+            None,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- table
@@ -396,12 +476,20 @@ def main(argv=None) -> int:
     print_table(rows, command)
     out = pathlib.Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": command,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "torch": torch.__version__ if torch_ok else None},
-        "rows": rows,
-    }, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "command": command,
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "torch": torch.__version__ if torch_ok else None,
+                },
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     progress(f"wrote {out}")
     return 0
 
