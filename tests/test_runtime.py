@@ -361,6 +361,7 @@ def test_every_algorithm_converges_on_real_workers(name, request):
     program, nodes = _convergence_case(name)
     workers = nodes + getattr(program, "num_servers", 0)
     mode = "racy" if name.endswith("racy") else "atomic"
-    tr = local.run(program, _problem(nodes), workers=workers, steps=300 * nodes, buffer_mode=mode)
-    assert tr["steps"][-1] == 300 * nodes
+    steps = (1000 if name == "rfast" else 300) * nodes  # R-FAST tracks gradients: slower start
+    tr = local.run(program, _problem(nodes), workers=workers, steps=steps, buffer_mode=mode)
+    assert tr["steps"][-1] == steps
     assert tr["loss"][-1] < 0.1 * tr["loss"][0], (name, tr["loss"])
