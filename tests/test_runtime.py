@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 
 import jaxasync as ja
-from jaxasync._src import program as program_lib
 from jaxasync._src import simulator
 from jaxasync._src.runtime import local
 from jaxasync._src.runtime import transport as transport_lib
@@ -226,7 +225,11 @@ def test_hogwild_survives_a_sigkilled_worker():
     hogwild = _algorithm("shared_memory", "hogwild")
     asyn = ja.Asynchrony(crashes={2: 0.3})
     tr = local.run(
-        hogwild(learning_rate=0.05), _problem(3), workers=3, asynchrony=asyn, time_limit=1.5,
+        hogwild(learning_rate=0.05),
+        _problem(3),
+        workers=3,
+        asynchrony=asyn,
+        time_limit=1.5,
         record_every=0.1,
     )
     assert set(tr.meta["crashed"]) == {"2"}
@@ -265,7 +268,11 @@ def test_sigint_returns_the_partial_trace():
             os.kill(os.getpid(), signal.SIGINT)
 
     tr = local.run(
-        _gossip(ja.topology.ring(2)), _problem(2), workers=2, time_limit=60, record_every=0.1,
+        _gossip(ja.topology.ring(2)),
+        _problem(2),
+        workers=2,
+        time_limit=60,
+        record_every=0.1,
         callback=interrupt,
     )
     assert tr.meta["interrupted"]
@@ -348,8 +355,18 @@ def _convergence_case(name):
 
 
 ALGORITHMS = [
-    "hogwild", "hogwild_racy", "sparsified_sgd", "sgd", "asgrad", "dasgd", "allreduce_sgd", "dpsgd",
-    "adpsgd", "sgp", "rfast", "cluster_sgd",
+    "hogwild",
+    "hogwild_racy",
+    "sparsified_sgd",
+    "sgd",
+    "asgrad",
+    "dasgd",
+    "allreduce_sgd",
+    "dpsgd",
+    "adpsgd",
+    "sgp",
+    "rfast",
+    "cluster_sgd",
 ]
 
 

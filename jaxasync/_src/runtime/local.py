@@ -107,7 +107,9 @@ def _check_args(algorithm, problem, workers, asynchrony, steps, time_limit, buff
         asynchrony.check_nodes(workers)
         if asynchrony.crashes and not algorithm.crash_tolerant:
             pass  # allowed: the run then fails with a clear error when the crash happens
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1):
+    if steps is not None and (
+        isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1
+    ):
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be positive, got {time_limit!r}")
@@ -723,8 +725,15 @@ def run(
     return trace_lib.Trace(metrics, meta)
 
 
-def replay(algorithm, problem, record, *, timeout: float = 300.0, transport: Any = "shm",
-           mailbox_capacity: int | None = None):
+def replay(
+    algorithm,
+    problem,
+    record,
+    *,
+    timeout: float = 300.0,
+    transport: Any = "shm",
+    mailbox_capacity: int | None = None,
+):
     """Replays a recorded simulation through real worker processes.
 
     Every worker executes its node's events of ``record.events`` in the recorded global order (a
@@ -750,7 +759,13 @@ def replay(algorithm, problem, record, *, timeout: float = 300.0, transport: Any
     seed = int(record.seed)
     W = worker_lib
     session = _Session(
-        algorithm, problem, n, seed, transport_cls, mailbox_capacity, lambda i: dict(events=events),
+        algorithm,
+        problem,
+        n,
+        seed,
+        transport_cls,
+        mailbox_capacity,
+        lambda i: dict(events=events),
         "atomic",
     )
     try:

@@ -123,9 +123,9 @@ class Codec:
         out = np.empty(self.size, np.uint8) if out is None else out
         for spec, x in zip(self.leaves, leaves):
             a = np.asarray(x if index is None else x[index])
-            out[spec.offset : spec.offset + spec.nbytes] = np.ascontiguousarray(a, spec.dtype).view(
-                np.uint8
-            ).reshape(-1)
+            out[spec.offset : spec.offset + spec.nbytes] = (
+                np.ascontiguousarray(a, spec.dtype).view(np.uint8).reshape(-1)
+            )
         return out
 
     def decode_leaves(self, buf: np.ndarray, lead: tuple = ()) -> list:

@@ -22,7 +22,6 @@ import os
 import sys
 import time
 import traceback
-from typing import Any
 
 import numpy as np
 
@@ -237,9 +236,7 @@ class Worker:
         self.visible = {}
         for k in self.register_names:
             vis = program.shared[k].visible
-            self.visible[k] = (
-                np.ones(n, bool) if vis is None else np.asarray(vis, bool).reshape(n, n)[node]
-            )
+            self.visible[k] = np.ones(n, bool) if vis is None else np.asarray(vis, bool).reshape(n, n)[node]
         self.unravels = {}
         for k in self.buffer_names:
             spec = program.shared[k]
@@ -346,7 +343,9 @@ class Worker:
             payload0 = self.codecs[ci].decode(np.zeros(self.codecs[ci].size, np.uint8))
             self.receive_fns.append(lift_jit(make_receive(cname), state, i32, i32, payload0))
             if self.events is None:  # free mode batches floods of messages
-                payloads0 = self.codecs[ci].decode(np.zeros((BATCH, self.codecs[ci].size), np.uint8), (BATCH,))
+                payloads0 = self.codecs[ci].decode(
+                    np.zeros((BATCH, self.codecs[ci].size), np.uint8), (BATCH,)
+                )
                 self.receive_many_fns.append(
                     lift_jit(make_receive_many(cname), state, zb, zb, payloads0, i32)
                 )
@@ -410,9 +409,7 @@ class Worker:
                     regs[slot].write(value, int(op.tag))
                 continue
             else:
-                raise TypeError(
-                    f"{self.program.name}: unsupported operation {type(op).__name__} on {name!r}"
-                )
+                raise TypeError(f"{self.program.name}: unsupported operation {type(op).__name__} on {name!r}")
             v = self.ctrl.fetch_add(VERSION, 1)
             if count_staleness:
                 stale = v - self.read_version
