@@ -555,6 +555,7 @@ def run(
     progress: bool | None = None,
     callback=None,
     start_timeout: float = 300.0,
+    stall_timeout: float = 60.0,
 ):
     """Runs ``algorithm`` on ``problem`` with one real process per node and returns a :class:`Trace`.
 
@@ -577,6 +578,9 @@ def run(
       callback: optional ``callback(record) -> bool | None`` called with each record (a dict of the
         metrics at that point); returning True stops the run (early stopping, live plots).
       start_timeout: seconds the workers may take to import jax and compile their handlers.
+      stall_timeout: stop (with a warning and ``meta["stalled"] = True``) when no worker has
+        completed a step or handled a message for this many seconds, e.g. because every worker is
+        idle waiting for messages that were lost.
 
     Returns:
       A :class:`~jaxasync._src.trace.Trace` with the simulator's metric names (``time`` in wall-clock
@@ -607,7 +611,7 @@ def run(
 
     W = worker_lib
     session = _Session(algorithm, problem, n, seed, transport_cls, mailbox_capacity, extra, buffer_mode)
-    records, crashed, interrupted, note = [], {}, False, ""
+    records, crashed, interrupted, note, stalled = [], {}, False, "", False
     bar = progress_lib.Progress(
         f"{algorithm.name} x{n}", steps if steps is not None else time_limit, enabled=progress
     )
@@ -618,6 +622,7 @@ def run(
         session.wait_ready(start_timeout)
         killed = set()
         lost_claims = 0
+        last_activity, last_change, stalled = -1, 0.0, False
 
         def alive_mask():
             return np.array([i not in session.procs.dead for i in range(n)])
@@ -670,6 +675,14 @@ def run(
                 if len(session.procs.dead) == n:
                     break
                 done = sum(session.shared.counters.load(i * W.NCOUNT + W.C_STEPS) for i in range(n))
+                activity = done + sum(
+                    session.shared.counters.load(i * W.NCOUNT + W.C_DELIVERED) for i in range(n)
+                )
+                if activity != last_activity:
+                    last_activity, last_change = activity, now
+                elif now - last_change > stall_timeout:
+                    stalled = True
+                    break
                 if steps is not None and done + lost_claims >= steps:
                     break
                 if time_limit is not None and now >= time_limit:
@@ -692,7 +705,8 @@ def run(
         end = time.perf_counter() - t0
         session.stop()
         if not interrupted:
-            session.check(end, tolerate_crashes=algorithm.crash_tolerant, stopping=True)
+            for i in session.check(end, tolerate_crashes=algorithm.crash_tolerant, stopping=True):
+                crashed[i] = end
         record(end)
         note = f"loss={float(records[-1]['loss']):.3g}"
         bar.update(int(records[-1]["steps"]) if steps is not None else round(end, 1), note=note)
@@ -721,7 +735,16 @@ def run(
         wall_time=float(end),
         crashed={str(k): float(v) for k, v in crashed.items()},
         interrupted=interrupted,
+        stalled=stalled,
     )
+    if stalled:
+        import warnings
+
+        warnings.warn(
+            f"{algorithm.name}: no progress for {stall_timeout:.0f}s (every worker idle?); stopped "
+            f"after {int(records[-1]['steps'])} steps",
+            stacklevel=2,
+        )
     return trace_lib.Trace(metrics, meta)
 
 
