@@ -55,7 +55,7 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(bool(c.passed) for c in self.checks)
 
     def table(self) -> str:
         """The results table and the verdicts as plain text."""
@@ -86,9 +86,9 @@ class Report:
                     title=self.title,
                     columns=list(self.columns),
                     rows=[[_plain(v) for v in row] for row in self.rows],
-                    checks=[dataclasses.asdict(c) for c in self.checks],
+                    checks=[dict(claim=c.claim, passed=bool(c.passed), detail=c.detail) for c in self.checks],
                     notes=self.notes,
-                    passed=self.passed,
+                    passed=bool(self.passed),
                     curves={
                         k: [_plain(np.asarray(x)), _plain(np.asarray(y))] for k, (x, y) in self.curves.items()
                     },
