@@ -64,7 +64,7 @@ from jaxasync._src.runtime import transport as transport_lib
 from jaxasync._src.runtime import worker as worker_lib
 
 _MODES = ("atomic", "relaxed", "racy")
-_POLL = 2e-3  # seconds between two supervision rounds of the parent
+_POLL = 5e-3  # seconds between two supervision rounds of the parent (crash times: +- this)
 
 
 class WorkerError(RuntimeError):
