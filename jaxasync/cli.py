@@ -213,6 +213,62 @@ def _cmd_simulate(args) -> int:
     return 0
 
 
+_RUN_DEFAULTS = dict(
+    _DEFAULTS, algorithm="hogwild", problem="mlp", nodes=2, steps=3000, lr=0.05, batch_size=None
+)
+
+
+def _cmd_run(args) -> int:
+    from jaxasync._src.algorithms import registry
+    from jaxasync._src.runtime import local
+
+    if args.list:
+        print("\n".join(sorted(registry.BUILDERS)))
+        return 0
+    args = _resolve(args, _RUN_DEFAULTS)
+    program = registry.build(
+        args.algorithm, args.nodes, learning_rate=args.lr, topology=args.topology, **_options(args.option)
+    )
+    problem = make_problem(args.problem, args.nodes, seed=args.seed, batch_size=args.batch_size, dim=args.dim)
+    workers = problem.num_nodes + program.num_servers
+    print(
+        f"running {program.name} on {problem.name} with {workers} worker processes ({args.steps} steps) ...",
+        file=sys.stderr,
+    )
+    trace = local.run(
+        program,
+        problem,
+        workers=workers,
+        asynchrony=_asynchrony(args),
+        steps=args.steps,
+        time_limit=args.time_limit,
+        seed=args.seed,
+        target_loss=args.target_loss,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"run_{program.name}_{args.problem}")
+    trace.save(stem + ".json")
+    trace.plot(stem + ".png", y="loss", x="time")
+    steps = trace.final("steps")
+    wall = trace.final("time")
+    rows = [
+        ("algorithm", program.name),
+        ("problem", problem.name),
+        ("worker processes", str(workers)),
+        ("wall-clock", f"{wall:.2f} s"),
+        ("local steps", f"{steps:g}"),
+        ("steps / s", f"{steps / max(wall, 1e-9):.1f}"),
+        ("loss", f"{trace['loss'][0]:.4g} -> {trace.final('loss'):.4g}"),
+        ("grad norm", f"{trace.final('grad_norm'):.4g}"),
+        ("staleness mean / max", f"{trace.final('staleness_mean'):.3g} / {trace.final('staleness_max'):.3g}"),
+        ("messages sent / lost", f"{trace.final('sent'):g} / {trace.final('lost'):g}"),
+        ("alive at the end", f"{trace.final('alive'):g}"),
+        ("files", f"{stem}.json, {stem}.png"),
+    ]
+    print(_summary_table(rows))
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from jaxasync._src import reproduce
 
@@ -233,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     sim = sub.add_parser("simulate", help="simulate an algorithm under controlled asynchrony")
     _add_training_args(sim, "--nodes")
     sim.set_defaults(func=_cmd_simulate)
+    run = sub.add_parser("run", help="train for real: one process per node on shared memory")
+    _add_training_args(run, "--workers")
+    run.add_argument("--time-limit", type=float, default=None, help="wall-clock seconds")
+    run.add_argument("--target-loss", type=float, default=None, help="stop at this loss")
+    run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("reproduce", help="reproduce a paper's claim in the simulator")
     rep.add_argument("paper", choices=["rfast", "dasgd", "asgrad", "elastic", "cluster", "all"])
     rep.add_argument("--quick", action="store_true", help="a small, fast version (smoke test)")
