@@ -127,7 +127,7 @@ def step_cost(program, d: int, repeats: int):
 
     def run():
         holder[0], out = donated(holder[0], grad, key)
-        return out
+        return holder[0], out  # block on the new state too: dispatch is asynchronous
 
     run()
     return _median_time(run, repeats), touched
