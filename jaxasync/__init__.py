@@ -1,8 +1,8 @@
 """jaxasync: asynchronous and decentralized stochastic optimization in JAX.
 
 Layers (see the README): pure JAX node programs and Optax transforms (``jaxasync.algorithms``,
-``jaxasync.sparsify``, ...); executors that drive them (``jaxasync.simulate``; the local multi-process
-runtime); the native shared-memory core (``jaxasync.shm``, imported on demand).
+``jaxasync.sparsify``, ...); executors that drive them (``jaxasync.simulate`` and ``jaxasync.sweep``;
+the local multi-process runtime); the native shared-memory core (``jaxasync.shm``, imported on demand).
 """
 
 from jaxasync import agreement as agreement
@@ -35,6 +35,7 @@ from jaxasync._src.program import RegisterWrite as RegisterWrite
 from jaxasync._src.program import like_params as like_params
 from jaxasync._src.simulator import record as record
 from jaxasync._src.simulator import simulate as simulate
+from jaxasync._src.simulator import sweep as sweep
 from jaxasync._src.trace import Trace as Trace
 from jaxasync._src.transforms import ScaleByStalenessState as ScaleByStalenessState
 from jaxasync._src.transforms import SparsifyState as SparsifyState
@@ -79,6 +80,7 @@ __all__ = (
     "fixed",
     "poisson",
     "simulate",
+    "sweep",
     "topology",
     "uniform",
 )

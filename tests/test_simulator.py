@@ -157,3 +157,67 @@ def test_mismatched_shards():
         ja.Problem(loss, jnp.zeros(2), [{"a": np.ones((3, 2))}, {"a": np.ones((3, 5))}])
     with pytest.raises(ValueError, match="equal shard sizes"):
         ja.Problem(loss, jnp.zeros(2), [{"a": np.ones((3, 2))}, {"a": np.ones((4, 2))}])
+
+
+def test_sweep_matches_simulate_and_compiles_once():
+    problem = _problem(N)
+    traced = []
+
+    def make(h):
+        traced.append(isinstance(h, jax.core.Tracer))
+        return _gossip(RING, lr=h)
+
+    specs = [
+        ja.Asynchrony(delay=ja.exponential(0.5), loss=0.2),
+        ja.Asynchrony(delay=ja.exponential(0.3), stragglers={1: 3.0}),
+        ja.Asynchrony(delay=ja.exponential(0.5), crashes={2: 20.0}),
+    ]
+    runs = [(0.1, specs[0]), (0.05, specs[1]), (0.2, specs[2])]
+    calls = []
+    traces = ja.sweep(
+        make, problem, runs, steps=120, seeds=[3, 4], record_every=10, on_run=lambda: calls.append(1)
+    )
+    assert traced == [False, True]  # one concrete call for the checks, one trace for every run
+    assert len(traces) == 3 and len(calls) == 6
+    for (h, spec), tr in zip(runs, traces):
+        assert tr["loss"].shape == (2, 13) and tr.num_seeds == 2
+        assert tr.meta["step_size"] == h and tr.meta["seed"] == [3, 4]
+        one = ja.simulate(_gossip(RING, lr=h), problem, spec, steps=120, record_every=10, seed=4)
+        for k in ("events", "steps", "sent", "lost", "delivered", "dropped", "node_steps"):
+            np.testing.assert_array_equal(tr[k][1], one[k], err_msg=k)
+        np.testing.assert_allclose(tr["time"][1], one["time"], rtol=1e-6)
+        np.testing.assert_allclose(tr["loss"][1], one["loss"], rtol=1e-5)
+
+    # A NodeProgram (no step size): one run per spec; per-run seed lists; the final states.
+    out = ja.sweep(_gossip(RING), problem, specs[:2], steps=60, seeds=[[0], [1, 2]], return_states=True)
+    (tr0, states0), (tr1, states1) = out
+    assert tr0["loss"].shape == (1, 61) and tr1["loss"].shape == (2, 61)
+    assert states0.x.shape == (1, N, 3) and states1.x.shape == (2, N, 3)
+    assert states1.node.tolist() == [list(range(N))] * 2
+    one = ja.simulate(_gossip(RING), problem, specs[1], steps=60, seed=2)
+    for k in one.metrics:
+        np.testing.assert_array_equal(tr1[k][1], one[k], err_msg=k)
+
+
+def test_sweep_checks_its_arguments():
+    problem = _problem(N)
+    with pytest.raises(ValueError, match="distribution kinds"):
+        ja.sweep(
+            _gossip(RING),
+            problem,
+            [ja.Asynchrony(delay=ja.exponential(0.5)), ja.Asynchrony(delay=ja.fixed(0.5))],
+            steps=10,
+        )
+    with pytest.raises(ValueError, match="built for 4 nodes but 3"):
+        ja.sweep(_gossip(RING), _problem(3), [None], steps=10)
+    with pytest.raises(TypeError, match="pairs"):
+        ja.sweep(lambda h: _gossip(RING, lr=h), problem, [ja.Asynchrony()], steps=10)
+    with pytest.raises(TypeError, match="Asynchrony specs"):
+        ja.sweep(_gossip(RING), problem, [(0.1, ja.Asynchrony())], steps=10)
+    with pytest.raises(ValueError, match="2 seed lists given for 1 runs"):
+        ja.sweep(_gossip(RING), problem, [None], steps=10, seeds=[[0], [1]])
+    # A pool of one message per channel overflows: a warning by default, an error on request.
+    with pytest.warns(UserWarning, match="in-flight pool"):
+        ja.sweep(_gossip(RING), problem, [None], steps=20, pool_size=1)
+    with pytest.raises(RuntimeError, match="in-flight pool"):
+        ja.sweep(_gossip(RING), problem, [None], steps=20, pool_size=1, overflow="raise")

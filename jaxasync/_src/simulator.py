@@ -9,6 +9,9 @@ takes a free pool slot. Every random draw comes from ``fold_in(seed, event_index
 one trace, bit for bit, and ``vmap`` over seeds (or anything else in the arguments) runs many
 simulations at once.
 
+:func:`simulate` compiles one program under one spec; :func:`sweep` compiles a program once and runs it
+under many specs (and step sizes) whose arrays are arguments of the compiled function.
+
 Crashes: a node stops at its crash time; its pending job never completes, messages to it are dropped
 (counted), messages it sent before are still delivered, and what it wrote to shared objects stays.
 """
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -695,6 +699,56 @@ def over_seeds(fn, program: program_lib.NodeProgram):
     return jax.vmap(fn) if not program.channels else (lambda seeds: jax.lax.map(fn, seeds))
 
 
+def _settings(program: program_lib.NodeProgram, problem, steps: int, record_every, max_events):
+    """Checks a program against the problem; returns the node count and ``run``'s record settings."""
+    n = num_nodes(program, problem)
+    program.check_nodes(n)
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    record_every = record_every or max(1, steps // 100)
+    return n, dict(
+        num_records=-(-steps // record_every),
+        record_every=record_every,
+        max_events_per_record=max_events or 1000 * record_every,
+    )
+
+
+def _check_overflow(records: dict, name: str, overflow: str, stacklevel: int) -> None:
+    """Warns (or raises, or does nothing: ``overflow``) if messages did not fit in a pool."""
+    if overflow == "ignore" or not np.any(records["overflow"]):
+        return
+    message = (
+        f"{name}: {int(np.max(records['overflow'][..., -1]))} messages did "
+        "not fit in the in-flight pool and were dropped; raise pool_size"
+    )
+    if overflow == "raise":
+        raise RuntimeError(message)
+    warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+def _meta(program, problem, n: int, steps: int, record_every: int, asynchrony, seed) -> dict:
+    """A trace's JSON-safe description of one simulation."""
+    return dict(
+        algorithm=program.name,
+        problem=getattr(problem, "name", "problem"),
+        nodes=n,
+        steps=steps,
+        record_every=record_every,
+        seed=seed,
+        asynchrony=dict(
+            compute_time=[
+                asynchrony.compute_time.kind,
+                np.asarray(asynchrony.compute_time.scale).tolist(),
+            ],
+            delay=[asynchrony.delay.kind, np.asarray(asynchrony.delay.scale).tolist()],
+            loss=float(asynchrony.loss),
+            crashes={str(k): float(v) for k, v in (asynchrony.crashes or {}).items()},
+            stragglers={str(k): float(v) for k, v in (asynchrony.stragglers or {}).items()},
+        ),
+        executor="simulator",
+    )
+
+
 def simulate(
     algorithm: program_lib.NodeProgram,
     problem,
@@ -708,6 +762,9 @@ def simulate(
     max_events: int | None = None,
 ):
     """Simulates ``algorithm`` on ``problem`` under ``asynchrony`` and returns a :class:`Trace`.
+
+    Every call compiles anew (the program and the spec are baked into the compiled function); to
+    compare many step sizes or asynchrony specs, :func:`sweep` compiles once.
 
     Args:
       algorithm: a :class:`NodeProgram` (from :mod:`jaxasync.algorithms`).
@@ -733,56 +790,171 @@ def simulate(
     from jaxasync._src import trace as trace_lib
 
     asynchrony = asynchrony or asynchrony_lib.Asynchrony()
-    n = num_nodes(algorithm, problem)
-    algorithm.check_nodes(n)
-    if steps <= 0:
-        raise ValueError(f"steps must be positive, got {steps}")
-    record_every = record_every or max(1, steps // 100)
-    num_records = -(-steps // record_every)
-    max_events = max_events or 1000 * record_every
+    n, settings = _settings(algorithm, problem, steps, record_every, max_events)
     static = make_static(algorithm, problem, asynchrony, pool_size)
-    params = make_params(asynchrony, n)
-    fn = functools.partial(
-        run,
-        static,
-        params,
-        num_records=num_records,
-        record_every=record_every,
-        max_events_per_record=max_events,
-    )
+    fn = functools.partial(run, static, make_params(asynchrony, n), **settings)
     if seeds is None:
         _, records = jax.jit(fn)(jnp.int32(seed))
     else:
         _, records = jax.jit(over_seeds(fn, algorithm))(jnp.asarray(seeds, jnp.int32))
     records = jax.device_get(records)
-    if np.any(records["overflow"]):
-        import warnings
-
-        warnings.warn(
-            f"{algorithm.name}: {int(np.max(records['overflow'][..., -1]))} messages did "
-            "not fit in the in-flight pool and were dropped; raise pool_size",
-            stacklevel=2,
-        )
-    meta = dict(
-        algorithm=algorithm.name,
-        problem=getattr(problem, "name", "problem"),
-        nodes=n,
-        steps=steps,
-        record_every=record_every,
-        seed=seed if seeds is None else list(map(int, seeds)),
-        asynchrony=dict(
-            compute_time=[
-                asynchrony.compute_time.kind,
-                np.asarray(asynchrony.compute_time.scale).tolist(),
-            ],
-            delay=[asynchrony.delay.kind, np.asarray(asynchrony.delay.scale).tolist()],
-            loss=float(asynchrony.loss),
-            crashes={str(k): float(v) for k, v in (asynchrony.crashes or {}).items()},
-            stragglers={str(k): float(v) for k, v in (asynchrony.stragglers or {}).items()},
-        ),
-        executor="simulator",
-    )
+    _check_overflow(records, algorithm.name, "warn", stacklevel=2)
+    seed = seed if seeds is None else list(map(int, seeds))
+    meta = _meta(algorithm, problem, n, steps, settings["record_every"], asynchrony, seed)
     return trace_lib.Trace(records, meta)
+
+
+def _seed_lists(seeds, num_runs: int) -> list[list[int]]:
+    """``seeds`` (one list for every run, or one list per run) as one list of ints per run."""
+    seeds = [np.asarray(s).tolist() for s in seeds]
+    if all(isinstance(s, int) for s in seeds):
+        lists = [seeds] * num_runs
+    elif all(isinstance(s, list) and all(isinstance(x, int) for x in s) for s in seeds):
+        if len(seeds) != num_runs:
+            raise ValueError(f"sweep: {len(seeds)} seed lists given for {num_runs} runs")
+        lists = seeds
+    else:
+        raise TypeError("sweep: seeds must be a list of ints, or one list of ints per run")
+    if any(not s for s in lists):
+        raise ValueError("sweep: every run needs at least one seed")
+    return lists
+
+
+def sweep(
+    algorithm,
+    problem,
+    runs: Sequence,
+    *,
+    steps: int,
+    seeds: Sequence[int] | Sequence[Sequence[int]] = (0,),
+    record_every: int | None = None,
+    pool_size: int | None = None,
+    max_events: int | None = None,
+    return_states: bool = False,
+    overflow: str = "warn",
+    on_run: Callable[[], None] | None = None,
+):
+    """Simulates one program under many asynchrony specs (and step sizes) with one XLA compile.
+
+    :func:`simulate` bakes the program and the asynchrony spec into its compiled function, so every
+    setting costs another compile (seconds each on a small CPU). ``sweep`` compiles the event loop
+    once with the spec's arrays (scales, stragglers, crash times, loss rate), the seed and the step
+    size as *arguments*, then runs every ``(run, seed)`` pair one after the other from Python. (On
+    CPU, a ``vmap`` over the event loop is slower than this loop: a batched ``while_loop`` executes
+    every branch of every event, and compiles several times slower.)
+
+    A run with the same program, spec and seed gives the same trace as :func:`simulate` with
+    ``seed=`` that seed.
+
+    Example::
+
+        problem = jaxasync.problems.least_squares(8, 10, 64)
+        ring = jaxasync.topology.ring(8)
+        make = lambda h: jaxasync.algorithms.dpsgd(ring, optimizer=optax.sgd(h))
+        runs = [(h, jaxasync.Asynchrony(delay=jaxasync.exponential(d)))
+                for h in (0.01, 0.1) for d in (0.1, 1.0)]
+        traces = jaxasync.sweep(make, problem, runs, steps=2000, seeds=[0, 1, 2])
+        for (h, spec), trace in zip(runs, traces):
+            print(h, spec.delay.scale, trace.final("loss").mean())  # loss shaped [3 seeds, records]
+
+    Args:
+      algorithm: a :class:`NodeProgram`, or a function ``h -> NodeProgram`` of the step size. The
+        function is called inside the compiled function with ``h`` a traced float32 scalar, so it
+        may use ``h`` only in traced arithmetic (``optimizer=optax.sgd(h)`` works; an argument that
+        must be a Python float does not), and the program's structure (graphs, channels, state
+        shapes) must not depend on ``h``. It is also called once outside, with the first run's
+        ``h``, to check the program against the problem.
+      problem: a :class:`jaxasync.Problem`; one node per shard.
+      runs: for a :class:`NodeProgram`, :class:`jaxasync.Asynchrony` specs (None: the default spec);
+        for a function, ``(h, asynchrony)`` pairs. The specs may differ in scales, stragglers,
+        crashes and loss rates but must share their compute-time and delay distribution kinds
+        (they are compiled in).
+      steps: local steps (gradient jobs, summed over nodes) per simulation.
+      seeds: the seeds of every run, or one list of seeds per run.
+      record_every: local steps between two metric records (default ``steps // 100``).
+      pool_size: in-flight messages a channel can hold (default as in :func:`simulate`).
+      max_events: a bound on the events between two records (default ``1000 * record_every``).
+      return_states: also return every run's final node states.
+      overflow: what a run whose messages did not fit in the in-flight pool does: ``"warn"``
+        (like :func:`simulate`), ``"raise"`` (RuntimeError) or ``"ignore"``.
+      on_run: called with no argument after every simulation (progress reporting).
+
+    Returns:
+      One :class:`Trace` per run, in order, whose metrics have a leading seed axis (``[seeds,
+      records]``, like ``simulate(seeds=...)``) and whose ``meta`` holds the run's spec, seeds and
+      ``step_size`` (for a function). With ``return_states``, ``(trace, states)`` pairs instead,
+      ``states`` the final node states with leaves shaped ``[seeds, nodes, ...]`` (numpy).
+
+    Raises:
+      ValueError: specs with different distribution kinds, a node count the program or a spec does
+        not fit, ``steps <= 0``, or seed lists that do not match the runs.
+      TypeError: runs of the wrong form for ``algorithm``.
+      RuntimeError: with ``overflow="raise"``, a run overflowed its in-flight pool.
+    """
+    from jaxasync._src import trace as trace_lib
+
+    if overflow not in ("warn", "raise", "ignore"):
+        raise ValueError(f"sweep: overflow must be 'warn', 'raise' or 'ignore', got {overflow!r}")
+    runs = list(runs)
+    if isinstance(algorithm, program_lib.NodeProgram):
+        if any(not (spec is None or isinstance(spec, asynchrony_lib.Asynchrony)) for spec in runs):
+            raise TypeError(
+                "sweep: runs of a NodeProgram are Asynchrony specs; pass a function h -> NodeProgram "
+                "to sweep step sizes with (h, asynchrony) pairs"
+            )
+        step_sizes = [None] * len(runs)
+        specs = list(runs)
+    elif callable(algorithm):
+        if any(not isinstance(r, tuple | list) or len(r) != 2 for r in runs):
+            raise TypeError("sweep: runs of a function h -> NodeProgram are (h, asynchrony) pairs")
+        step_sizes = [float(h) for h, _ in runs]
+        specs = [spec for _, spec in runs]
+    else:
+        raise TypeError(f"sweep: expected a NodeProgram or a function h -> NodeProgram, got {algorithm!r}")
+    if not runs:
+        return []
+    specs = [asynchrony_lib.Asynchrony() if spec is None else spec for spec in specs]
+    kinds = {(spec.compute_time.kind, spec.delay.kind) for spec in specs}
+    if len(kinds) != 1:
+        raise ValueError(f"sweep: the specs must share distribution kinds, got {sorted(kinds)}")
+    seed_lists = _seed_lists(seeds, len(runs))
+    if isinstance(algorithm, program_lib.NodeProgram):
+        program = algorithm
+    else:
+        program = algorithm(jnp.float32(step_sizes[0]))
+        if not isinstance(program, program_lib.NodeProgram):
+            raise TypeError(f"sweep: the function returned {type(program).__name__}, not a NodeProgram")
+    n, settings = _settings(program, problem, steps, record_every, max_events)
+    if algorithm is program:  # built once, outside: only the spec's arrays and the seed are traced
+        static = make_static(program, problem, specs[0], pool_size)
+
+    def build(h) -> _Static:
+        if algorithm is program:
+            return static
+        return make_static(algorithm(h), problem, specs[0], pool_size)
+
+    @jax.jit
+    def one(h, params, seed):
+        carry, records = run(build(h), params, seed, **settings)
+        return (carry.states if return_states else None), records
+
+    out = []
+    for h, spec, run_seeds in zip(step_sizes, specs, seed_lists):
+        params = make_params(spec, n)
+        h_arg = None if h is None else jnp.float32(h)
+        results = []
+        for seed in run_seeds:
+            results.append(jax.device_get(one(h_arg, params, jnp.int32(seed))))
+            if on_run is not None:
+                on_run()
+        states, records = jax.tree.map(lambda *xs: np.stack(xs), *results)
+        _check_overflow(records, program.name, overflow, stacklevel=2)
+        meta = _meta(program, problem, n, steps, settings["record_every"], spec, list(run_seeds))
+        if h is not None:
+            meta["step_size"] = h
+        trace = trace_lib.Trace(records, meta)
+        out.append((trace, states) if return_states else trace)
+    return out
 
 
 class Replay(NamedTuple):

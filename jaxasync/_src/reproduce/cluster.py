@@ -33,7 +33,6 @@ from jaxasync._src import problem as problem_lib
 from jaxasync._src.algorithms import cluster as cluster_lib
 from jaxasync._src.algorithms import sequential
 from jaxasync._src.progress import Progress
-from jaxasync._src.reproduce import _runs
 from jaxasync._src.reproduce.common import Check, Report
 
 CLUSTERS = (5, 4, 3)
@@ -150,11 +149,11 @@ def reproduce(quick: bool = False, progress: bool = True) -> Report:
     tick()
     prog_a = _with_process_metrics(cluster_lib.cluster_sgd(list(CLUSTERS), schedule=schedule), ridge)
     a_specs = [_crash((), 0.0), _crash((1, 2), crash_at)]
-    (a_free, _), (a_crash, _) = _runs.run_scenarios(
+    a_free, a_crash = simulator.sweep(
         prog_a,
         _same_data(ridge, N, "ridge"),
         a_specs,
-        a_seeds,
+        seeds=a_seeds,
         steps=T * N,
         record_every=max(1, T * N // 60),
         on_run=tick,
@@ -218,11 +217,11 @@ def reproduce(quick: bool = False, progress: bool = True) -> Report:
         logistic,
     )
     b_steps = T_B * N * (2 * rounds + 1)  # an iteration costs 1 + 2R events (fewer with jumps)
-    b_out = _runs.run_scenarios(
+    b_out = simulator.sweep(
         prog_b,
         _same_data(logistic, N, "nonconvex_logistic"),
         [_crash(c, crash_at) for c, _ in b_scenarios],
-        [b_seeds] + [[b_seeds[0]]] * (len(b_scenarios) - 1),
+        seeds=[b_seeds] + [[b_seeds[0]]] * (len(b_scenarios) - 1),
         steps=b_steps,
         # About two records per iteration, so the ring of the last `slots` iterations the
         # diameter metric looks at covers every iteration.
@@ -232,7 +231,7 @@ def reproduce(quick: bool = False, progress: bool = True) -> Report:
     bar.close(f"{time.monotonic() - start:.0f}s")
 
     b_rows = []
-    for (crashed_clusters, label), (rec, _) in zip(b_scenarios, b_out):
+    for (crashed_clusters, label), rec in zip(b_scenarios, b_out):
         live = np.setdiff1d(np.arange(N), _members(*crashed_clusters))
         t = rec["proc_t"][:, :, live].astype(np.float64).mean(axis=(0, 2))
         gn = rec["proc_grad_norm"][:, :, live].mean(axis=(0, 2))

@@ -31,11 +31,13 @@ from jaxasync._src import asynchrony as asynchrony_lib
 from jaxasync._src import problem as problem_lib
 from jaxasync._src import problems as problems_lib
 from jaxasync._src import progress as progress_lib
+from jaxasync._src import simulator as simulator_lib
 from jaxasync._src.algorithms import asgrad as asgrad_lib
 from jaxasync._src.algorithms import dasgd as dasgd_lib
 from jaxasync._src.algorithms import gossip as gossip_lib
 from jaxasync._src.algorithms import sequential as sequential_lib
-from jaxasync._src.reproduce import _sweep, common
+from jaxasync._src.reproduce import common
+from jaxasync._src.reproduce import curves as curves_lib
 
 _ETA = 0.025  # the fixed step of the staleness sweep
 _EPS = (1e-1, 1e-2)
@@ -154,7 +156,7 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
     for label, n, make, problem, runs, nsteps, every in jobs:
         # Every node sends to n - 1 others at rate 1: ~n (n - 1) D messages in flight, with bursts.
         pool = n * (n - 1) * int(3 * max(delays) + 2) + 64
-        out = _sweep.sweep(
+        out = simulator_lib.sweep(
             make,
             problem,
             [(h, s) for h, s, _ in runs],
@@ -162,6 +164,7 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
             steps=nsteps,
             record_every=every,
             pool_size=pool,
+            overflow="raise",
             on_run=tick,
         )
         for (h, _, tag), trace in zip(runs, out):
@@ -169,7 +172,7 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
     bar.close()
 
     def k_of(trace, eps):
-        return float(np.median(_sweep.first_steps(trace, "grad_norm", np.sqrt(eps))))
+        return float(np.median(curves_lib.first_steps(trace, "grad_norm", np.sqrt(eps))))
 
     def t_of(trace, eps):
         return float(np.median(trace.time_to("grad_norm", np.sqrt(eps))))

@@ -19,10 +19,10 @@ import time
 import numpy as np
 
 from jaxasync._src import asynchrony as asynchrony_lib
-from jaxasync._src import datasets, problems
+from jaxasync._src import datasets, problems, simulator
 from jaxasync._src.algorithms import shared_memory
 from jaxasync._src.progress import Progress
-from jaxasync._src.reproduce import _runs
+from jaxasync._src.reproduce import curves as curves_lib
 from jaxasync._src.reproduce.common import Check, Report
 
 P_MAX = 8
@@ -100,21 +100,21 @@ def reproduce(quick: bool = False, progress: bool = True) -> Report:
             error_feedback=ef,
             track_consistency=True,
         )
-        outs = _runs.run_scenarios(
+        outs = simulator.sweep(
             prog,
             models[model],
             [_workers(p) for p in worker_counts],
-            seeds,
+            seeds=seeds,
             steps=steps,
             record_every=steps // 40,
             on_run=tick,
         )
-        for p, (rec, _) in zip(worker_counts, outs):
+        for p, rec in zip(worker_counts, outs):
             loss = rec["loss"].mean(axis=0)
             results[(model, p, label, density)] = dict(
                 first=float(loss[0]),
                 quarter=float(loss[len(loss) // 4]),
-                final=float(_runs.tail_mean(loss, 0.1)),
+                final=float(curves_lib.tail_mean(loss, 0.1)),
                 b_mean=float(rec["elastic_b_mean"][:, -1].mean()),
                 b_max=float(rec["elastic_b_max"][:, -1].max()),
                 staleness=float(rec["staleness_mean"][:, -1].mean()),

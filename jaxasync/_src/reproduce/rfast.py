@@ -25,10 +25,12 @@ import optax
 from jaxasync._src import asynchrony as asynchrony_lib
 from jaxasync._src import problems as problems_lib
 from jaxasync._src import progress as progress_lib
+from jaxasync._src import simulator as simulator_lib
 from jaxasync._src import topology as topology_lib
 from jaxasync._src.algorithms import gossip as gossip_lib
 from jaxasync._src.algorithms import rfast as rfast_lib
-from jaxasync._src.reproduce import _sweep, common
+from jaxasync._src.reproduce import common
+from jaxasync._src.reproduce import curves as curves_lib
 
 _N = 8
 _LOSSES = (0.0, 0.1, 0.3)
@@ -119,7 +121,9 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
 
     traces = {}
     for label, make, runs, steps, every in jobs:
-        out = _sweep.sweep(make, problem, runs, seeds=seeds, steps=steps, record_every=every, on_run=tick)
+        out = simulator_lib.sweep(
+            make, problem, runs, seeds=seeds, steps=steps, record_every=every, overflow="raise", on_run=tick
+        )
         for (h, spec), trace in zip(runs, out):
             traces[label, h, _key(spec)] = trace
     bar.close()
@@ -161,7 +165,7 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
                         "-",
                     ]
                 )
-            curves[f"{variant} {topo} p={p:g} (no straggler)"] = (grid, _sweep.on_grid(tr, grid, "gap"))
+            curves[f"{variant} {topo} p={p:g} (no straggler)"] = (grid, curves_lib.on_grid(tr, grid, "gap"))
     # Quick runs stop 3x earlier, still in the transient: looser bounds, same direction.
     rel, frac, factor = (None, 0.25, 5) if quick else (3, 0.05, 10)
     for topo in graphs:
@@ -249,15 +253,15 @@ def _straggler(traces, grid, horizon, rows, checks, notes, curves):
     tail = grid >= 0.8 * horizon
     for node, where in ((0, "root/node 0"), (_N - 1, "leaf/node 7")):
         key = ("straggler", node)
-        curve = {(m, h): _sweep.on_grid(tr, grid, "gap") for (m, h, k), tr in traces.items() if k == key}
+        curve = {(m, h): curves_lib.on_grid(tr, grid, "gap") for (m, h, k), tr in traces.items() if k == key}
         levels = {h: float(np.nanmean(c[tail])) for (m, h), c in curve.items() if m == "allreduce"}
         ar_lr = min(levels, key=levels.get)
         target = levels[ar_lr]
-        t_ar = _sweep.first_time(grid, curve["allreduce", ar_lr], target)
+        t_ar = curves_lib.first_time(grid, curve["allreduce", ar_lr], target)
         result = {}
         for m, graphs in methods:
             lrs = sorted(h for (mm, h) in curve if mm == m)
-            times = {h: _sweep.first_time(grid, curve[m, h], target) for h in lrs}
+            times = {h: curves_lib.first_time(grid, curve[m, h], target) for h in lrs}
             best = min(lrs, key=lambda h: (times[h], float(np.nanmean(curve[m, h][tail]))))
             if m == "allreduce":
                 best = ar_lr
