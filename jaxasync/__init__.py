@@ -46,6 +46,10 @@ from jaxasync._src.transforms import sparsify_update as sparsify_update
 __version__ = "0.1.0"
 
 __all__ = (
+    "replay",
+    "run",
+    "shm",
+    "WorkerError",
     "agreement",
     "algorithms",
     "assignment",
@@ -84,3 +88,22 @@ __all__ = (
     "topology",
     "uniform",
 )
+
+# The real executors and the native core load on first use, so that pure-JAX users (and a build
+# without a C compiler) can import the package.
+_LAZY = {
+    "run": ("jaxasync._src.runtime.local", "run"),
+    "replay": ("jaxasync._src.runtime.local", "replay"),
+    "WorkerError": ("jaxasync._src.runtime.local", "WorkerError"),
+    "shm": ("jaxasync.shm", None),
+}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'jaxasync' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    return value if attr is None else getattr(value, attr)
