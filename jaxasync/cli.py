@@ -85,14 +85,14 @@ def make_problem(name: str, nodes: int, *, seed: int = 0, batch_size: int | None
 
 
 def _add_training_args(p: argparse.ArgumentParser, nodes_flag: str) -> None:
-    p.add_argument("--algorithm", default="rfast", help="algorithm name (see --list)")
-    p.add_argument("--problem", default="least_squares", choices=PROBLEMS)
+    p.add_argument("--algorithm", default=None, help="algorithm name (see --list)")
+    p.add_argument("--problem", default=None, choices=PROBLEMS)
     p.add_argument(nodes_flag, type=int, default=None, dest="nodes", help="data nodes / workers")
     p.add_argument("--steps", type=int, default=None, help="local steps, summed over nodes")
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument(
         "--topology",
-        default="ring",
+        default=None,
         help="ring, directed_ring, exponential, complete, star, torus, tree (R-FAST)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: full shard)")
@@ -260,6 +260,7 @@ def _cmd_run(args) -> int:
         ("steps / s", f"{steps / max(wall, 1e-9):.1f}"),
         ("loss", f"{trace['loss'][0]:.4g} -> {trace.final('loss'):.4g}"),
         ("grad norm", f"{trace.final('grad_norm'):.4g}"),
+        *([("optimality gap", f"{trace.final('gap'):.4g}")] if problem.optimum is not None else []),
         ("staleness mean / max", f"{trace.final('staleness_mean'):.3g} / {trace.final('staleness_max'):.3g}"),
         ("messages sent / lost", f"{trace.final('sent'):g} / {trace.final('lost'):g}"),
         ("alive at the end", f"{trace.final('alive'):g}"),
