@@ -214,7 +214,7 @@ def _cmd_simulate(args) -> int:
 
 
 _RUN_DEFAULTS = dict(
-    _DEFAULTS, algorithm="hogwild", problem="mlp", nodes=2, steps=3000, lr=0.05, batch_size=None
+    _DEFAULTS, algorithm="hogwild", problem="mlp", nodes=2, steps=20000, lr=0.05, batch_size=None
 )
 
 
@@ -244,6 +244,7 @@ def _cmd_run(args) -> int:
         time_limit=args.time_limit,
         seed=args.seed,
         target_loss=args.target_loss,
+        record_every=0.05,
     )
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"run_{program.name}_{args.problem}")
