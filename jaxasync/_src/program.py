@@ -113,7 +113,7 @@ class RegistersView(NamedTuple):
 
     Attributes:
       tags: int32 ``[num_nodes, slots]``; -1 where nothing was written yet (or the register is not
-        visible to the reader, e.g. it belongs to another cluster).
+        visible to the reader, e.g. it belongs to another cluster: its values then read as zeros).
       values: pytree with leaves ``[num_nodes, slots, ...]``.
     """
 
@@ -176,12 +176,14 @@ class Emit(NamedTuple):
     ops: Mapping[str, Any] = {}
 
 
-def _always_ready(state: State) -> jax.Array:
+def always_ready(state: State) -> jax.Array:
+    """The default ``ready``: the node always has local work (executors may rely on this identity)."""
     del state  # every node of most algorithms always has local work
     return jnp.asarray(True)
 
 
-def _no_observe(state: State, views: Mapping[str, Any]) -> State:
+def no_observe(state: State, views: Mapping[str, Any]) -> State:
+    """The default ``observe``: reads nothing (executors skip it when they see this identity)."""
     del views  # programs without shared objects read nothing
     return state
 
@@ -220,8 +222,8 @@ class NodeProgram:
         default_factory=dict
     )
     shared: Mapping[str, Buffer | Registers] = dataclasses.field(default_factory=dict)
-    observe: Callable[[State, Mapping[str, Any]], State] = _no_observe
-    ready: Callable[[State], jax.Array] = _always_ready
+    observe: Callable[[State, Mapping[str, Any]], State] = no_observe
+    ready: Callable[[State], jax.Array] = always_ready
     evaluate: Callable[[State, Mapping[str, Any]], PyTree] | None = None
     metrics: Callable[[State], Mapping[str, jax.Array]] | None = None
     num_nodes: int | None = None

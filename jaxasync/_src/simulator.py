@@ -152,9 +152,15 @@ def _views(static: _Static, shared: dict, node) -> dict:
             views[name] = static.unravels[name](shared[name])
         else:
             reg = shared[name]
-            if spec.visible is not None:
-                seen = jnp.asarray(spec.visible)[node][:, None]
-                reg = reg._replace(tags=jnp.where(seen, reg.tags, -1))
+            if spec.visible is not None:  # another cluster's registers read as never written
+                seen = jnp.asarray(spec.visible)[node]
+                reg = program_lib.RegistersView(
+                    jnp.where(seen[:, None], reg.tags, -1),
+                    jax.tree.map(
+                        lambda v: jnp.where(seen.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v)),
+                        reg.values,
+                    ),
+                )
             views[name] = reg
     return views
 

@@ -244,11 +244,11 @@ class Worker:
             self.unravels[k] = jax.flatten_util.ravel_pytree(template)[1]
         self.buffer_sizes = {k: shared.buffers[k].size for k in self.buffer_names}
         # Programs without shared objects and without their own observe skip the observe call.
-        self.needs_observe = bool(program.shared) or program.observe is not program_lib._no_observe
+        self.needs_observe = bool(program.shared) or program.observe is not program_lib.no_observe
         # A program that is always ready, sends nothing and has no shared objects never needs the
         # step's result on the host: its steps are dispatched asynchronously (like a plain jitted
         # loop), with a sync every _SYNC_EVERY steps to bound the queue.
-        self.always_ready = program.ready is program_lib._always_ready
+        self.always_ready = program.ready is program_lib.always_ready
         self.pipelined = self.always_ready and not program.channels and not program.shared
 
         self._build(simulator_lib)
