@@ -194,7 +194,7 @@ def asgrad(
     def step(state, grad_fn, batch, key):
         del key  # the batch is the only randomness of a worker's job
         snapshot = jax.tree.map(lambda q: q[state.head], state.queue)
-        g = base.cast_like(grad_fn(snapshot, batch), snapshot)
+        g = base.gradient(grad_fn, snapshot, batch)
         out = program_lib.Outbox(base.stack((g, state.queue_iter[state.head]), 1), jnp.ones((1,), bool))
         state = state._replace(head=(state.head + 1) % cap, size=state.size - 1)
         return state, program_lib.Emit(outbox={"grad": out})

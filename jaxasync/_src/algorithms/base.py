@@ -11,7 +11,8 @@ factory the user called:
 Traced helpers (inside handlers) keep every array in the dtypes of the model's parameters, so handler
 outputs have the same structure, shapes and dtypes on every call:
 
-* :func:`cast_like`, :func:`update`, :func:`descend` for local optimizer steps;
+* :func:`gradient` (the user's ``grad_fn``, checked against the parameters), :func:`cast_like`,
+  :func:`update`, :func:`descend` for local optimizer steps;
 * :func:`flat32` for float32 views of the ravelled model (shared buffers, agreement vectors);
 * :func:`stack`, :func:`outbox` for per-out-slot payloads.
 """
@@ -123,6 +124,17 @@ def check_graph(name: str, graph: Any, what: str = "graph") -> topology_lib.Grap
 def cast_like(tree: PyTree, like: PyTree) -> PyTree:
     """``tree`` with every leaf converted to the dtype of the matching leaf of ``like``."""
     return jax.tree.map(lambda t, p: jnp.asarray(t, jnp.result_type(p)), tree, like)
+
+
+def gradient(grad_fn: Callable[[PyTree, PyTree], PyTree], params: PyTree, batch: PyTree) -> PyTree:
+    """``grad_fn(params, batch)``, checked to match ``params`` and cast to their dtypes.
+
+    Raises:
+      TypeError: the gradient's tree structure or leaf shapes differ from the parameters'.
+    """
+    g = grad_fn(params, batch)
+    program_lib.check_tree_match(params, g, "grad_fn(params, batch)")
+    return cast_like(g, params)
 
 
 def update(

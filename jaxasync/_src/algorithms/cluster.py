@@ -327,7 +327,7 @@ def _algorithm_a(*, of, n, m, sizes, opt, slots, same, remote):
 
     def step(state, grad_fn, batch, key):
         del key  # no randomness beyond the minibatch
-        y, opt_state = base.descend(opt, grad_fn(state.x, batch), state.opt_state, state.x)
+        y, opt_state = base.descend(opt, base.gradient(grad_fn, state.x, batch), state.opt_state, state.x)
         write = program_lib.RegisterWrite(slot=state.t % K, tag=state.t, value=y, mask=jnp.asarray(True))
         outbox = {}
         if has_remote:
@@ -496,7 +496,7 @@ def _algorithm_b(*, of, n, m, sizes, opt, slots, same, remote, rounds, quorum, e
         t_next = jnp.where(state.phase == _NEW_ITERATION, state.t, t_done + 1)
 
         def sgd(x):
-            y, opt_state = base.descend(opt, grad_fn(x, batch), state.opt_state, x)
+            y, opt_state = base.descend(opt, base.gradient(grad_fn, x, batch), state.opt_state, x)
             return base.flat32(y), opt_state
 
         def skip(x):

@@ -173,7 +173,9 @@ def dasgd(
 
     def step(state, grad_fn, batch, key):
         del key  # the batch is the only randomness
-        u, opt_state = base.update(opt, grad_fn(state.params, batch), state.opt_state, state.params)
+        u, opt_state = base.update(
+            opt, base.gradient(grad_fn, state.params, batch), state.opt_state, state.params
+        )
         out = program_lib.broadcast_outbox(channel, state.node, (u, state.node, state.generated))
         state = state._replace(
             params=add(state.params, u),

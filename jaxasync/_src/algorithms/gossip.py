@@ -161,7 +161,7 @@ def allreduce_sgd(
 
     def step(state, grad_fn, batch, key):
         del key  # the minibatch is the only randomness
-        g = base.cast_like(grad_fn(state.x, batch), state.x)
+        g = base.gradient(grad_fn, state.x, batch)
         state = store(state, state.node, state.count, g)
         state = try_advance(state._replace(waiting=jnp.asarray(True)))
         m = graph.max_out_degree
@@ -294,7 +294,7 @@ def dpsgd(
 
     def step(state, grad_fn, batch, key):
         del key  # the minibatch is the only randomness
-        g = grad_fn(state.x, batch)
+        g = base.gradient(grad_fn, state.x, batch)
         update, opt_state = base.update(opt, g, state.opt_state, state.x)
         out = program_lib.broadcast_outbox(channel, state.node, state.x)
         state = state._replace(update=update, opt_state=opt_state, waiting=jnp.asarray(True))
@@ -411,7 +411,7 @@ def adpsgd(
         return (jnp.arange(max(m_out, 1)) == slot) & send
 
     def step(state, grad_fn, batch, key):
-        g = grad_fn(state.x, batch)
+        g = base.gradient(grad_fn, state.x, batch)
         deg = out_degree[state.node]
         slot = jax.random.randint(key, (), 0, jnp.maximum(deg, 1))
         out = base.outbox(base.stack(state.x, m_out), one_hot(slot, deg > 0)[:m_out])
@@ -560,7 +560,7 @@ def sgp(
     def step(state, grad_fn, batch, key):
         del key  # the minibatch is the only randomness
         z = _sgp_params(state)
-        g = grad_fn(z, batch)
+        g = base.gradient(grad_fn, z, batch)
         updates, opt_state = opt.update(base.cast_like(g, z), state.opt_state, z)
         if scale_by_weight:  # move the de-biased z = x / w by the update, whatever w is
             updates = jax.tree.map(lambda u: u * state.w.astype(u.dtype), updates)

@@ -233,7 +233,7 @@ def rfast(
         del key  # the minibatch is the only randomness
         i, s = state.node, state.sums
         x_new = mixing_lib.pull_mix_node(self_r[i], in_r[i], state.y, state.v_hat)  # (a)
-        g_new = base.cast_like(grad_fn(x_new, batch), x_new)  # (b)
+        g_new = base.gradient(grad_fn, x_new, batch)  # (b)
         absorbed, rho_tilde = mixing_lib.running_sum_absorb(s.rho_hat, s.rho_tilde)  # (c)
         z_half = jax.tree.map(lambda z, a, gn, go: z + a + gn - go, state.z, absorbed, g_new, state.g)
         z = jax.tree.map(lambda v: self_c[i].astype(v.dtype) * v, z_half)  # (d)

@@ -84,7 +84,9 @@ def sgd(
 
     def step(state, grad_fn, batch, key):
         del key  # the batch is the only randomness
-        params, opt_state = base.descend(opt, grad_fn(state.params, batch), state.opt_state, state.params)
+        params, opt_state = base.descend(
+            opt, base.gradient(grad_fn, state.params, batch), state.opt_state, state.params
+        )
         return SgdState(state.node, params, opt_state, state.count + 1), program_lib.Emit()
 
     def evaluate(states, views):

@@ -138,7 +138,7 @@ def hogwild(
 
     def step(state, grad_fn, batch, key):
         del key  # no randomness beyond the minibatch
-        g = grad_fn(state.view, batch)
+        g = base.gradient(grad_fn, state.view, batch)
         updates, opt_state = opt.update(g, state.opt_state, state.view)
         state = state._replace(count=state.count + 1, opt_state=opt_state)
         return state, program_lib.Emit(ops={"params": program_lib.BufferAdd(updates)})
@@ -266,7 +266,7 @@ def sparsified_sgd(
         )
 
     def step(state, grad_fn, batch, key):
-        g = grad_fn(state.view, batch)
+        g = base.gradient(grad_fn, state.view, batch)
         updates, opt_state = opt.update(g, state.opt_state, state.view)
         u = base.flat32(updates)
         if error_feedback:
