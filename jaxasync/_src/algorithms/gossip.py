@@ -148,8 +148,9 @@ def allreduce_sgd(
 
     def advance(state):
         parity = state.count % 2
-        # Sum in node order: every node computes the bit-identical average.
-        mean = jax.tree.map(lambda b: jnp.sum(b[:, parity], axis=0) / n, state.grads)
+        # Sum in node order: every node computes the bit-identical average (unrolled, see
+        # `mixing.sum_slots`: jnp.sum over the node axis is ~40x slower on CPU at d = 2^20).
+        mean = jax.tree.map(lambda b: mixing_lib.sum_slots(b[:, parity]) / n, state.grads)
         x, opt_state = base.descend(opt, mean, state.opt_state, state.x)
         return state._replace(x=x, opt_state=opt_state, count=state.count + 1, waiting=jnp.asarray(False))
 
