@@ -117,8 +117,9 @@ def _param_worker(buf, mode, ctl, k, parties):
     def body(reps):
         for _ in range(10):
             buf.add(ones, scale=1.0, mode=mode)
-        buf.add_sparse(idx.astype(np.int32) if reps % 2 else idx, np.full(idx.size, 2.0, np.float32),
-                       mode=mode)
+        buf.add_sparse(
+            idx.astype(np.int32) if reps % 2 else idx, np.full(idx.size, 2.0, np.float32), mode=mode
+        )
         buf.next_step()
 
     _overlapping_loop(ctl, k, parties, 2000, body)
@@ -226,9 +227,11 @@ def _header_prototypes() -> dict[str, tuple[str, list[str]]]:
     text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
     protos = {}
     for ret, name, params in re.findall(r"([\w \t*]+?)\s*\b(ja_\w+)\s*\(([^)]*)\)\s*;", text):
-        types = [] if params.strip() in ("", "void") else [
-            re.sub(r"\s*\b\w+$", "", p.strip()) for p in params.split(",")
-        ]
+        types = (
+            []
+            if params.strip() in ("", "void")
+            else [re.sub(r"\s*\b\w+$", "", p.strip()) for p in params.split(",")]
+        )
         protos[name] = (ret.strip(), types)
     return protos
 
@@ -237,10 +240,19 @@ def test_native_extension_is_built():
     import jaxasync._native as native  # fails loudly if the C core was not compiled
 
     expected = {
-        "ja_segment_create", "ja_segment_attach", "ja_segment_close", "ja_segment_unlink",
-        "ja_atomic_fetch_add", "ja_atomic_compare_exchange", "ja_register_write",
-        "ja_register_read", "ja_f32_add", "ja_f32_add_sparse_i64", "ja_mailbox_send",
-        "ja_mailbox_recv", "ja_step_fetch_add",
+        "ja_segment_create",
+        "ja_segment_attach",
+        "ja_segment_close",
+        "ja_segment_unlink",
+        "ja_atomic_fetch_add",
+        "ja_atomic_compare_exchange",
+        "ja_register_write",
+        "ja_register_read",
+        "ja_f32_add",
+        "ja_f32_add_sparse_i64",
+        "ja_mailbox_send",
+        "ja_mailbox_recv",
+        "ja_step_fetch_add",
     }
     assert expected <= set(dir(native.lib))
     assert native.lib.JA_LAYOUT_VERSION >= 1
@@ -290,8 +302,7 @@ def test_atomic_array_operations():
 
 def test_atomic_array_bad_input():
     with shm.AtomicArray.create(4) as a:
-        for op, args in [("load", ()), ("store", (1,)), ("fetch_add", (1,)),
-                         ("compare_exchange", (0, 1))]:
+        for op, args in [("load", ()), ("store", (1,)), ("fetch_add", (1,)), ("compare_exchange", (0, 1))]:
             with pytest.raises(IndexError, match="index 4 out of range .* length 4"):
                 getattr(a, op)(4, *args)
             with pytest.raises(IndexError, match="index -1 out of range"):
@@ -307,8 +318,7 @@ def test_atomic_array_bad_input():
 def test_fetch_add_and_cas_from_processes_are_exact():
     procs = 3
     with shm.AtomicArray.create(2) as a, shm.AtomicArray.create(2 + procs) as ctl:
-        _run(*[CTX.Process(target=_fetch_add_worker, args=(a, ctl, k, procs))
-               for k in range(procs)])
+        _run(*[CTX.Process(target=_fetch_add_worker, args=(a, ctl, k, procs)) for k in range(procs)])
         reps = sum(ctl.load(2 + k) for k in range(procs))
         assert reps >= 100 * procs
         assert a.load(0) == 1000 * reps
@@ -361,8 +371,7 @@ def test_register_reads_are_never_torn():
     reads = 100_000
     with shm.Register.create(1024, np.int64) as reg, shm.AtomicArray.create(5) as ctl:
         writer = CTX.Process(target=_register_writer, args=(reg, ctl))
-        readers = [CTX.Process(target=_register_reader, args=(reg, reads, ctl, 1 + 2 * k))
-                   for k in range(2)]
+        readers = [CTX.Process(target=_register_reader, args=(reg, reads, ctl, 1 + 2 * k)) for k in range(2)]
         writer.start()
         try:
             _wait_for(lambda: reg.version > 0, "the first write")
@@ -384,8 +393,10 @@ def _odd_slot_seq(name: str) -> bool:
     ffi, lib = native.ffi, native.lib
     raw = _dev_shm(name).read_bytes()
     h = ffi.from_buffer("ja_header *", bytearray(raw[: lib.JA_HEADER_SIZE]))
-    seqs = [struct.unpack_from("<Q", raw, h.data_offset + k * h.slot_stride)[0]
-            for k in range(lib.JA_REGISTER_SLOTS)]
+    seqs = [
+        struct.unpack_from("<Q", raw, h.data_offset + k * h.slot_stride)[0]
+        for k in range(lib.JA_REGISTER_SLOTS)
+    ]
     return any(s % 2 for s in seqs)
 
 
@@ -463,8 +474,7 @@ def test_mailbox_bad_input():
 
 
 # The autouse leak check wraps the whole test, not each example: that is intended.
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(st.integers(-(2**63), 2**63 - 1), st.none()), max_size=40))
 def test_mailbox_matches_a_bounded_queue(ops):
     """Sends (ints) and receives (None) behave like a deque of capacity 4."""
@@ -488,8 +498,7 @@ def test_mailbox_matches_a_bounded_queue(ops):
 def test_mailbox_between_processes_loses_duplicates_and_reorders_nothing():
     n = 100_000
     with shm.Mailbox.create(8, (4,), np.int64) as box, shm.AtomicArray.create(3) as res:
-        _run(CTX.Process(target=_consumer, args=(box, n, res)),
-             CTX.Process(target=_producer, args=(box, n)))
+        _run(CTX.Process(target=_consumer, args=(box, n, res)), CTX.Process(target=_producer, args=(box, n)))
         assert [res.load(0), res.load(1), res.load(2)] == [n, 0, 0]
         assert box.recv() is None
 
@@ -500,9 +509,10 @@ def test_mailbox_between_processes_loses_duplicates_and_reorders_nothing():
 @pytest.mark.parametrize("mode", ["racy", "relaxed", "atomic"])
 def test_param_add_single_writer_is_exact(mode):
     rng = np.random.default_rng(0)
-    template = {"a": rng.standard_normal((5, 7)).astype(np.float32),
-                "b": (rng.standard_normal(3).astype(np.float32),
-                      rng.standard_normal((2, 2, 2)).astype(np.float32))}
+    template = {
+        "a": rng.standard_normal((5, 7)).astype(np.float32),
+        "b": (rng.standard_normal(3).astype(np.float32), rng.standard_normal((2, 2, 2)).astype(np.float32)),
+    }
     ref = np.concatenate([template["a"].ravel(), template["b"][0], template["b"][1].ravel()])
     with shm.ParamBuffer.create(template) as buf:
         assert buf.size == ref.size
@@ -517,8 +527,10 @@ def test_param_add_single_writer_is_exact(mode):
             np.add.at(ref, idx, np.float32(0.5) * vals)  # repeats accumulate in order
             np.testing.assert_array_equal(buf.read(np.empty(buf.size, np.float32)), ref)
         # A pytree delta goes to the same places as its flat form.
-        tree_delta = {"a": np.ones((5, 7), np.float32),
-                      "b": (np.full(3, 2.0), np.full((2, 2, 2), 3.0, np.float32))}
+        tree_delta = {
+            "a": np.ones((5, 7), np.float32),
+            "b": (np.full(3, 2.0), np.full((2, 2, 2), 3.0, np.float32)),
+        }
         buf.add(tree_delta, scale=0.25, mode=mode)
         flat = np.concatenate([np.ones(35), np.full(3, 2.0), np.full(8, 3.0)]).astype(np.float32)
         ref = ref + np.float32(0.25) * flat
@@ -539,8 +551,9 @@ def test_add_kernels_on_unaligned_pointers_and_odd_lengths(mode):
             want = dst.copy()
             want[start : start + n] += np.float32(1.5) * src
             view = dst[start : start + n]
-            lib.ja_f32_add(ffi.from_buffer("float[]", view), ffi.from_buffer("float[]", src), n,
-                           1.5, code[mode])
+            lib.ja_f32_add(
+                ffi.from_buffer("float[]", view), ffi.from_buffer("float[]", src), n, 1.5, code[mode]
+            )
             np.testing.assert_array_equal(dst, want)  # neighbours untouched
 
 
@@ -548,12 +561,10 @@ def test_param_atomic_add_from_processes_is_exact():
     procs = 3
     with (
         # Small, so the processes really collide on the same elements.
-        shm.ParamBuffer.create({"w": np.zeros((8, 8), np.float32),
-                                "b": np.zeros(7, np.float32)}) as buf,
+        shm.ParamBuffer.create({"w": np.zeros((8, 8), np.float32), "b": np.zeros(7, np.float32)}) as buf,
         shm.AtomicArray.create(2 + procs) as ctl,
     ):
-        _run(*[CTX.Process(target=_param_worker, args=(buf, "atomic", ctl, k, procs))
-               for k in range(procs)])
+        _run(*[CTX.Process(target=_param_worker, args=(buf, "atomic", ctl, k, procs)) for k in range(procs)])
         reps = [ctl.load(2 + k) for k in range(procs)]
         expected = np.full(buf.size, 10.0 * sum(reps), np.float32)
         for k in range(procs):  # the sparse part, replayed
@@ -569,8 +580,7 @@ def test_param_pytree_round_trip_and_attach_rebuilds_the_tree():
 
     rng = np.random.default_rng(1)
     template = {
-        "dense": {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
-                  "b": np.zeros(4, np.float32)},
+        "dense": {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32), "b": np.zeros(4, np.float32)},
         "f64": rng.standard_normal(5),
         "bf16": np.arange(6, dtype=ml_dtypes.bfloat16).reshape(2, 3),
         "spec": jax.ShapeDtypeStruct((2,), jnp.float32),
@@ -613,8 +623,7 @@ def test_param_pytree_round_trip_and_attach_rebuilds_the_tree():
 def test_param_leaves_are_64_byte_aligned_in_the_segment():
     import jaxasync._native as native
 
-    template = [np.full(3, 1.0, np.float32), np.full(17, 2.0, np.float32),
-                np.full((2, 2), 3.0, np.float32)]
+    template = [np.full(3, 1.0, np.float32), np.full(17, 2.0, np.float32), np.full((2, 2), 3.0, np.float32)]
     with shm.ParamBuffer.create(template) as buf:
         raw = _dev_shm(buf.name).read_bytes()
         h = native.ffi.from_buffer("ja_header *", bytearray(raw[: native.lib.JA_HEADER_SIZE]))

@@ -40,13 +40,9 @@ class Distribution:
             raise ValueError(f"unknown distribution kind {self.kind!r}; expected one of {_KINDS}")
         s = np.asarray(self.scale, np.float64)
         if s.ndim > 1:
-            raise ValueError(
-                f"{self.kind}: scale must be a scalar or a 1-D sequence, got shape {s.shape}"
-            )
+            raise ValueError(f"{self.kind}: scale must be a scalar or a 1-D sequence, got shape {s.shape}")
         if not np.all(np.isfinite(s)) or np.any(s < 0):
-            raise ValueError(
-                f"{self.kind}: scales must be finite and non-negative, got {self.scale}"
-            )
+            raise ValueError(f"{self.kind}: scales must be finite and non-negative, got {self.scale}")
 
     def scales(self, n: int) -> np.ndarray:
         """Per-index scales as float32 ``[n]``; raises ValueError if a sequence has the wrong length."""
@@ -134,25 +130,19 @@ class Asynchrony:
     stragglers: Mapping[int, float] | None = None
 
     def __post_init__(self):
-        object.__setattr__(
-            self, "compute_time", _as_distribution(self.compute_time, "compute_time")
-        )
+        object.__setattr__(self, "compute_time", _as_distribution(self.compute_time, "compute_time"))
         object.__setattr__(self, "delay", _as_distribution(self.delay, "delay"))
         if not 0.0 <= float(self.loss) < 1.0:
             raise ValueError(f"loss must be in [0, 1), got {self.loss}")
         for what, mapping in (("crashes", self.crashes), ("stragglers", self.stragglers)):
             for node, value in (mapping or {}).items():
                 if not isinstance(node, int | np.integer) or node < 0:
-                    raise ValueError(
-                        f"{what}: node ids must be non-negative integers, got {node!r}"
-                    )
+                    raise ValueError(f"{what}: node ids must be non-negative integers, got {node!r}")
                 if not np.isfinite(value) or value < 0:
                     raise ValueError(f"{what}: node {node} has invalid value {value}")
         for node, factor in (self.stragglers or {}).items():
             if factor <= 0:
-                raise ValueError(
-                    f"stragglers: factor of node {node} must be positive, got {factor}"
-                )
+                raise ValueError(f"stragglers: factor of node {node} must be positive, got {factor}")
 
     def check_nodes(self, n: int) -> None:
         """Raises ValueError if the spec names a node outside ``range(n)`` or has wrong lengths."""

@@ -74,165 +74,165 @@ _AUTO_BISECT_MIN_SIZE = 2**14
 
 
 class SparseUpdate(NamedTuple):
-  """``k`` entries of a vector: what is added to a (shared) flat parameter buffer.
+    """``k`` entries of a vector: what is added to a (shared) flat parameter buffer.
 
-  Attributes:
-    indices: int32 ``[k]``, distinct, ascending positions in the flat (ravelled) vector.
-    values: ``[k]`` values at those positions, in the dtype of the compressed array.
-  """
+    Attributes:
+      indices: int32 ``[k]``, distinct, ascending positions in the flat (ravelled) vector.
+      values: ``[k]`` values at those positions, in the dtype of the compressed array.
+    """
 
-  indices: jax.Array
-  values: jax.Array
+    indices: jax.Array
+    values: jax.Array
 
 
 def k_from_density(d: int, density: float) -> int:
-  """Number of entries kept out of ``d`` at a given density.
+    """Number of entries kept out of ``d`` at a given density.
 
-  .. math::
-    k = \\min(d, \\max(1, \\lceil \\rho d \\rceil))
+    .. math::
+      k = \\min(d, \\max(1, \\lceil \\rho d \\rceil))
 
-  The ceiling is taken after subtracting a relative tolerance of ``1e-9``, so floating-point noise
-  in ``density * d`` does not add an entry (``k_from_density(10, 0.7) == 7`` although
-  ``0.7 * 10 == 7.000000000000001`` in binary floating point). Rounding up (rather than to the
-  nearest integer) guarantees at least the requested fraction is kept and at least one entry.
+    The ceiling is taken after subtracting a relative tolerance of ``1e-9``, so floating-point noise
+    in ``density * d`` does not add an entry (``k_from_density(10, 0.7) == 7`` although
+    ``0.7 * 10 == 7.000000000000001`` in binary floating point). Rounding up (rather than to the
+    nearest integer) guarantees at least the requested fraction is kept and at least one entry.
 
-  Args:
-    d: number of coordinates, ``d >= 1``.
-    density: fraction of coordinates kept, in ``(0, 1]``.
+    Args:
+      d: number of coordinates, ``d >= 1``.
+      density: fraction of coordinates kept, in ``(0, 1]``.
 
-  Returns:
-    ``k`` as a Python int.
+    Returns:
+      ``k`` as a Python int.
 
-  Example:
-    >>> from jaxasync._src import compression
-    >>> compression.k_from_density(1000, 0.01)
-    10
-  """
-  check_density(density)
-  d = int(d)
-  if d < 1:
-    raise ValueError(f"k_from_density: d must be >= 1, got {d}.")
-  x = float(density) * d
-  k = math.ceil(x - 1e-9 * max(1.0, x))
-  return min(d, max(1, k))
+    Example:
+      >>> from jaxasync._src import compression
+      >>> compression.k_from_density(1000, 0.01)
+      10
+    """
+    check_density(density)
+    d = int(d)
+    if d < 1:
+        raise ValueError(f"k_from_density: d must be >= 1, got {d}.")
+    x = float(density) * d
+    k = math.ceil(x - 1e-9 * max(1.0, x))
+    return min(d, max(1, k))
 
 
 def check_density(density) -> None:
-  """Raises ``TypeError`` / ``ValueError`` unless ``density`` is a real number in ``(0, 1]``."""
-  if isinstance(density, bool) or not isinstance(density, (int, float, np.floating, np.integer)):
-    raise TypeError(
-        f"density must be a Python float in (0, 1], got {density!r} of type "
-        f"{type(density).__name__}.")
-  if not (0.0 < float(density) <= 1.0):  # also rejects NaN
-    raise ValueError(f"density must be in (0, 1], got density={density!r}.")
+    """Raises ``TypeError`` / ``ValueError`` unless ``density`` is a real number in ``(0, 1]``."""
+    if isinstance(density, bool) or not isinstance(density, (int, float, np.floating, np.integer)):
+        raise TypeError(
+            f"density must be a Python float in (0, 1], got {density!r} of type {type(density).__name__}."
+        )
+    if not (0.0 < float(density) <= 1.0):  # also rejects NaN
+        raise ValueError(f"density must be in (0, 1], got density={density!r}.")
 
 
 def _check_k(k, d: int, where: str) -> int:
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-    raise TypeError(f"{where}: k must be a static Python int, got {type(k).__name__}.")
-  k = int(k)
-  if not 1 <= k <= d:
-    raise ValueError(f"{where}: k must satisfy 1 <= k <= d = {d}, got k={k}.")
-  return k
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{where}: k must be a static Python int, got {type(k).__name__}.")
+    k = int(k)
+    if not 1 <= k <= d:
+        raise ValueError(f"{where}: k must satisfy 1 <= k <= d = {d}, got k={k}.")
+    return k
 
 
 def _check_algorithm(algorithm: str) -> None:
-  if algorithm not in ALGORITHMS:
-    raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}.")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}.")
 
 
 def _select_bisect(scores: jax.Array, k: int) -> jax.Array:
-  """Ascending indices of the ``k`` largest non-negative float32 ``scores`` (ties: lower index)."""
-  # For non-negative IEEE floats the int32 bit pattern is monotone in the value, so the k-th
-  # largest score is the largest int ``t`` with ``#{bits >= t} >= k``.
-  bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
+    """Ascending indices of the ``k`` largest non-negative float32 ``scores`` (ties: lower index)."""
+    # For non-negative IEEE floats the int32 bit pattern is monotone in the value, so the k-th
+    # largest score is the largest int ``t`` with ``#{bits >= t} >= k``.
+    bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
 
-  def body(_, lohi):
-    # Invariant: #{bits >= lo} >= k (true for lo = 0) and, for finite scores, #{bits >= hi} < k.
-    lo, hi = lohi
-    mid = lo + (hi - lo) // 2
-    enough = jnp.sum(bits >= mid, dtype=jnp.int32) >= k
-    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+    def body(_, lohi):
+        # Invariant: #{bits >= lo} >= k (true for lo = 0) and, for finite scores, #{bits >= hi} < k.
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid, dtype=jnp.int32) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
-  lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(np.iinfo(np.int32).max)))
-  above = bits > lo
-  tied = bits == lo
-  room = k - jnp.sum(above, dtype=jnp.int32)
-  mask = above | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= room))
-  (indices,) = jnp.nonzero(mask, size=k, fill_value=0)
-  return indices.astype(jnp.int32)
+    lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(np.iinfo(np.int32).max)))
+    above = bits > lo
+    tied = bits == lo
+    room = k - jnp.sum(above, dtype=jnp.int32)
+    mask = above | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= room))
+    (indices,) = jnp.nonzero(mask, size=k, fill_value=0)
+    return indices.astype(jnp.int32)
 
 
 def _select_top_k(scores: jax.Array, k: int) -> jax.Array:
-  """Same result as :func:`_select_bisect`, through ``jax.lax.top_k``."""
-  _, indices = jax.lax.top_k(scores, k)
-  return jnp.sort(indices.astype(jnp.int32))
+    """Same result as :func:`_select_bisect`, through ``jax.lax.top_k``."""
+    _, indices = jax.lax.top_k(scores, k)
+    return jnp.sort(indices.astype(jnp.int32))
 
 
 def _select(scores: jax.Array, k: int, algorithm: str) -> jax.Array:
-  d = scores.shape[0]
-  if k == d:  # Everything is kept: no selection needed.
-    return jnp.arange(d, dtype=jnp.int32)
-  if algorithm == "auto":
-    algorithm = "bisect" if d >= _AUTO_BISECT_MIN_SIZE and 32 * k > d else "top_k"
-  if algorithm == "top_k":
-    return _select_top_k(scores, k)
-  return _select_bisect(scores, k)
+    d = scores.shape[0]
+    if k == d:  # Everything is kept: no selection needed.
+        return jnp.arange(d, dtype=jnp.int32)
+    if algorithm == "auto":
+        algorithm = "bisect" if d >= _AUTO_BISECT_MIN_SIZE and 32 * k > d else "top_k"
+    if algorithm == "top_k":
+        return _select_top_k(scores, k)
+    return _select_bisect(scores, k)
 
 
 def _magnitudes(flat: jax.Array) -> jax.Array:
-  # float32 holds every bfloat16/float16 magnitude exactly, so the order is preserved.
-  if flat.dtype == jnp.float64:
-    raise TypeError("top_k: float64 inputs are not supported; cast to float32.")
-  return jnp.abs(flat).astype(jnp.float32)
+    # float32 holds every bfloat16/float16 magnitude exactly, so the order is preserved.
+    if flat.dtype == jnp.float64:
+        raise TypeError("top_k: float64 inputs are not supported; cast to float32.")
+    return jnp.abs(flat).astype(jnp.float32)
 
 
 def _random_scores(key: jax.Array, d: int) -> jax.Array:
-  """``d`` i.i.d. positive normal float32 scores with 30 random bits each."""
-  bits = jax.random.bits(key, (d,), jnp.uint32)
-  # 30 random bits offset by the smallest normal float's bit pattern: every pattern is a positive,
-  # normal (never denormal, so no flush-to-zero) finite float32, and the order is that of the bits.
-  pattern = (bits >> 2).astype(jnp.int32) + jnp.int32(0x00800000)
-  return jax.lax.bitcast_convert_type(pattern, jnp.float32)
+    """``d`` i.i.d. positive normal float32 scores with 30 random bits each."""
+    bits = jax.random.bits(key, (d,), jnp.uint32)
+    # 30 random bits offset by the smallest normal float's bit pattern: every pattern is a positive,
+    # normal (never denormal, so no flush-to-zero) finite float32, and the order is that of the bits.
+    pattern = (bits >> 2).astype(jnp.int32) + jnp.int32(0x00800000)
+    return jax.lax.bitcast_convert_type(pattern, jnp.float32)
 
 
 def _gather(x: jax.Array, indices: jax.Array, values: jax.Array) -> tuple[jax.Array, SparseUpdate]:
-  flat = x.reshape(-1)
-  dense = jnp.zeros_like(flat).at[indices].set(values, unique_indices=True, indices_are_sorted=True)
-  return dense.reshape(x.shape), SparseUpdate(indices, values)
+    flat = x.reshape(-1)
+    dense = jnp.zeros_like(flat).at[indices].set(values, unique_indices=True, indices_are_sorted=True)
+    return dense.reshape(x.shape), SparseUpdate(indices, values)
 
 
 def top_k(x: jax.Array, k: int, *, algorithm: str = "auto") -> tuple[jax.Array, SparseUpdate]:
-  """Keeps the ``k`` entries of largest magnitude.
+    """Keeps the ``k`` entries of largest magnitude.
 
-  .. math::
-    \\mathrm{TopK}(x)_j = x_j \\, [\\, |x_j| \\text{ is among the } k \\text{ largest } |x_i| \\,]
+    .. math::
+      \\mathrm{TopK}(x)_j = x_j \\, [\\, |x_j| \\text{ is among the } k \\text{ largest } |x_i| \\,]
 
-  Args:
-    x: array of any shape (positions are those of ``x.ravel()``), floating dtype other than float64.
-    k: static number of entries kept, ``1 <= k <= x.size``.
-    algorithm: ``"auto"``, ``"top_k"`` or ``"bisect"`` (see the module docstring); all exact.
+    Args:
+      x: array of any shape (positions are those of ``x.ravel()``), floating dtype other than float64.
+      k: static number of entries kept, ``1 <= k <= x.size``.
+      algorithm: ``"auto"``, ``"top_k"`` or ``"bisect"`` (see the module docstring); all exact.
 
-  Returns:
-    ``(dense, sparse)``: ``dense`` has the shape and dtype of ``x`` with every unselected entry
-    zero; ``sparse`` is the :class:`SparseUpdate` of the ``k`` selected entries.
+    Returns:
+      ``(dense, sparse)``: ``dense`` has the shape and dtype of ``x`` with every unselected entry
+      zero; ``sparse`` is the :class:`SparseUpdate` of the ``k`` selected entries.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxasync._src import compression
-    >>> dense, sparse = compression.top_k(jnp.array([0.5, -3.0, 1.0, 2.0]), 2)
-    >>> dense.tolist(), sparse.indices.tolist(), sparse.values.tolist()
-    ([0.0, -3.0, 0.0, 2.0], [1, 3], [-3.0, 2.0])
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxasync._src import compression
+      >>> dense, sparse = compression.top_k(jnp.array([0.5, -3.0, 1.0, 2.0]), 2)
+      >>> dense.tolist(), sparse.indices.tolist(), sparse.values.tolist()
+      ([0.0, -3.0, 0.0, 2.0], [1, 3], [-3.0, 2.0])
 
-  References:
-    Stich, Cordonnier & Jaggi, `Sparsified SGD with Memory
-    <https://arxiv.org/abs/1809.07599>`_, 2018.
-  """
-  k = _check_k(k, x.size, "top_k")
-  _check_algorithm(algorithm)
-  flat = x.reshape(-1)
-  indices = _select(_magnitudes(flat), k, algorithm)
-  return _gather(x, indices, flat[indices])
+    References:
+      Stich, Cordonnier & Jaggi, `Sparsified SGD with Memory
+      <https://arxiv.org/abs/1809.07599>`_, 2018.
+    """
+    k = _check_k(k, x.size, "top_k")
+    _check_algorithm(algorithm)
+    flat = x.reshape(-1)
+    indices = _select(_magnitudes(flat), k, algorithm)
+    return _gather(x, indices, flat[indices])
 
 
 def rand_k(
@@ -243,84 +243,84 @@ def rand_k(
     *,
     algorithm: str = "auto",
 ) -> tuple[jax.Array, SparseUpdate]:
-  """Keeps ``k`` entries chosen uniformly at random without replacement.
+    """Keeps ``k`` entries chosen uniformly at random without replacement.
 
-  .. math::
-    \\mathrm{RandK}(x)_j = s \\, x_j \\, [\\, j \\in S \\,], \\quad S \\sim \\mathrm{Unif}
-    \\binom{[d]}{k}, \\quad s = d / k \\text{ if scale else } 1
+    .. math::
+      \\mathrm{RandK}(x)_j = s \\, x_j \\, [\\, j \\in S \\,], \\quad S \\sim \\mathrm{Unif}
+      \\binom{[d]}{k}, \\quad s = d / k \\text{ if scale else } 1
 
-  The subset is the ``k`` largest of ``d`` i.i.d. random 30-bit scores drawn from ``key``, so it is
-  a deterministic function of ``key``. With ``scale=True`` the estimate is unbiased,
-  ``E[RandK(x)] = x``, but no longer a contraction (do not combine it with error feedback).
+    The subset is the ``k`` largest of ``d`` i.i.d. random 30-bit scores drawn from ``key``, so it is
+    a deterministic function of ``key``. With ``scale=True`` the estimate is unbiased,
+    ``E[RandK(x)] = x``, but no longer a contraction (do not combine it with error feedback).
 
-  Args:
-    x: array of any shape (positions are those of ``x.ravel()``).
-    k: static number of entries kept, ``1 <= k <= x.size``.
-    key: a ``jax.random`` key.
-    scale: multiply the kept entries by ``d / k``.
-    algorithm: ``"auto"``, ``"top_k"`` or ``"bisect"`` (see the module docstring).
+    Args:
+      x: array of any shape (positions are those of ``x.ravel()``).
+      k: static number of entries kept, ``1 <= k <= x.size``.
+      key: a ``jax.random`` key.
+      scale: multiply the kept entries by ``d / k``.
+      algorithm: ``"auto"``, ``"top_k"`` or ``"bisect"`` (see the module docstring).
 
-  Returns:
-    ``(dense, sparse)`` as for :func:`top_k`.
+    Returns:
+      ``(dense, sparse)`` as for :func:`top_k`.
 
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from jaxasync._src import compression
-    >>> dense, sparse = compression.rand_k(jnp.arange(1.0, 9.0), 3, jax.random.key(0))
-    >>> int((dense != 0).sum()), sparse.indices.shape
-    (3, (3,))
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxasync._src import compression
+      >>> dense, sparse = compression.rand_k(jnp.arange(1.0, 9.0), 3, jax.random.key(0))
+      >>> int((dense != 0).sum()), sparse.indices.shape
+      (3, (3,))
 
-  References:
-    Stich, Cordonnier & Jaggi, `Sparsified SGD with Memory
-    <https://arxiv.org/abs/1809.07599>`_, 2018.
-  """
-  d = x.size
-  k = _check_k(k, d, "rand_k")
-  _check_algorithm(algorithm)
-  flat = x.reshape(-1)
-  indices = _select(_random_scores(key, d), k, algorithm)
-  values = flat[indices]
-  if scale and k < d:
-    values = (values.astype(jnp.float32) * (d / k)).astype(flat.dtype)
-  return _gather(x, indices, values)
+    References:
+      Stich, Cordonnier & Jaggi, `Sparsified SGD with Memory
+      <https://arxiv.org/abs/1809.07599>`_, 2018.
+    """
+    d = x.size
+    k = _check_k(k, d, "rand_k")
+    _check_algorithm(algorithm)
+    flat = x.reshape(-1)
+    indices = _select(_random_scores(key, d), k, algorithm)
+    values = flat[indices]
+    if scale and k < d:
+        values = (values.astype(jnp.float32) * (d / k)).astype(flat.dtype)
+    return _gather(x, indices, values)
 
 
 def to_dense(sparse: SparseUpdate, d: int, dtype=None) -> jax.Array:
-  """The dense ``[d]`` vector of a :class:`SparseUpdate` (repeated indices are summed).
+    """The dense ``[d]`` vector of a :class:`SparseUpdate` (repeated indices are summed).
 
-  Args:
-    sparse: the entries.
-    d: length of the dense vector.
-    dtype: output dtype; defaults to ``sparse.values.dtype``.
+    Args:
+      sparse: the entries.
+      d: length of the dense vector.
+      dtype: output dtype; defaults to ``sparse.values.dtype``.
 
-  Returns:
-    ``zeros(d).at[sparse.indices].add(sparse.values)``.
-  """
-  dtype = sparse.values.dtype if dtype is None else dtype
-  return jnp.zeros((d,), dtype).at[sparse.indices].add(sparse.values.astype(dtype))
+    Returns:
+      ``zeros(d).at[sparse.indices].add(sparse.values)``.
+    """
+    dtype = sparse.values.dtype if dtype is None else dtype
+    return jnp.zeros((d,), dtype).at[sparse.indices].add(sparse.values.astype(dtype))
 
 
 def add_sparse(x: jax.Array, sparse: SparseUpdate) -> jax.Array:
-  """``x.ravel()[indices] += values``, returned with the shape of ``x`` (what a buffer does).
+    """``x.ravel()[indices] += values``, returned with the shape of ``x`` (what a buffer does).
 
-  Optax updates carry their sign (``optax.sgd`` returns ``-lr * g``), so applying a sparsified
-  update to parameters is ``add_sparse(params_flat, sent)``.
+    Optax updates carry their sign (``optax.sgd`` returns ``-lr * g``), so applying a sparsified
+    update to parameters is ``add_sparse(params_flat, sent)``.
 
-  Args:
-    x: the (flat) buffer.
-    sparse: the entries to add; values are cast to ``x.dtype``.
+    Args:
+      x: the (flat) buffer.
+      sparse: the entries to add; values are cast to ``x.dtype``.
 
-  Returns:
-    The updated array.
-  """
-  flat = x.reshape(-1).at[sparse.indices].add(sparse.values.astype(x.dtype))
-  return flat.reshape(x.shape)
+    Returns:
+      The updated array.
+    """
+    flat = x.reshape(-1).at[sparse.indices].add(sparse.values.astype(x.dtype))
+    return flat.reshape(x.shape)
 
 
 def _compress_flat(flat, k, method, key, scale, algorithm):
-  if method == "topk":
-    return top_k(flat, k, algorithm=algorithm)
-  return rand_k(flat, k, key, scale, algorithm=algorithm)
+    if method == "topk":
+        return top_k(flat, k, algorithm=algorithm)
+    return rand_k(flat, k, key, scale, algorithm=algorithm)
 
 
 def compress_tree(
@@ -333,110 +333,113 @@ def compress_tree(
     scale: bool = False,
     algorithm: str = "auto",
 ) -> tuple[PyTree, SparseUpdate | PyTree]:
-  """Top-k / rand-k selection over a pytree, per leaf or global.
+    """Top-k / rand-k selection over a pytree, per leaf or global.
 
-  Args:
-    tree: pytree of floating arrays.
-    density: fraction of coordinates kept, in ``(0, 1]`` (``k`` from :func:`k_from_density`, on the
-      total size for global selection, on each leaf's size with ``per_leaf=True``).
-    method: ``"topk"`` or ``"randk"``.
-    key: ``jax.random`` key, required for ``"randk"`` (leaves get ``jax.random.split`` keys).
-    per_leaf: select within each leaf (per-layer top-k) instead of over the whole tree.
-    scale: rand-k only: multiply kept entries by ``d / k``.
-    algorithm: selection algorithm (see the module docstring).
+    Args:
+      tree: pytree of floating arrays.
+      density: fraction of coordinates kept, in ``(0, 1]`` (``k`` from :func:`k_from_density`, on the
+        total size for global selection, on each leaf's size with ``per_leaf=True``).
+      method: ``"topk"`` or ``"randk"``.
+      key: ``jax.random`` key, required for ``"randk"`` (leaves get ``jax.random.split`` keys).
+      per_leaf: select within each leaf (per-layer top-k) instead of over the whole tree.
+      scale: rand-k only: multiply kept entries by ``d / k``.
+      algorithm: selection algorithm (see the module docstring).
 
-  Returns:
-    ``(dense, sparse)``: ``dense`` is a pytree like ``tree``; ``sparse`` is one
-    :class:`SparseUpdate` indexing the ravelled tree (global) or a pytree like ``tree`` with a
-    :class:`SparseUpdate` per leaf (``per_leaf=True``). For global selection over leaves of mixed
-    dtypes the values have the promoted dtype used by ``ravel_pytree``.
+    Returns:
+      ``(dense, sparse)``: ``dense`` is a pytree like ``tree``; ``sparse`` is one
+      :class:`SparseUpdate` indexing the ravelled tree (global) or a pytree like ``tree`` with a
+      :class:`SparseUpdate` per leaf (``per_leaf=True``). For global selection over leaves of mixed
+      dtypes the values have the promoted dtype used by ``ravel_pytree``.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxasync._src import compression
-    >>> tree = {"w": jnp.array([[1.0, -4.0], [0.5, 2.0]]), "b": jnp.array([3.0])}
-    >>> dense, sparse = compression.compress_tree(tree, 0.4)
-    >>> dense["w"].tolist(), dense["b"].tolist(), sparse.indices.tolist()
-    ([[0.0, -4.0], [0.0, 0.0]], [3.0], [0, 2])
-  """
-  check_density(density)
-  _check_algorithm(algorithm)
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got method={method!r}.")
-  if method == "randk" and key is None:
-    raise ValueError("compress_tree: method='randk' needs a PRNG key.")
-  if method == "topk" and scale:
-    raise ValueError("compress_tree: scale=True only applies to method='randk'.")
-  leaves, treedef = jax.tree.flatten(tree)
-  if not leaves:
-    return tree, (tree if per_leaf else SparseUpdate(jnp.zeros((0,), jnp.int32),
-                                                     jnp.zeros((0,), jnp.float32)))
-  if per_leaf:
-    keys = list(jax.random.split(key, len(leaves))) if method == "randk" else [None] * len(leaves)
-    outs = [
-        _compress_flat(leaf.reshape(-1), k_from_density(leaf.size, density), method, lk, scale,
-                       algorithm)
-        for leaf, lk in zip(leaves, keys, strict=True)
-    ]
-    dense = [o[0].reshape(leaf.shape) for o, leaf in zip(outs, leaves, strict=True)]
-    return treedef.unflatten(dense), treedef.unflatten([o[1] for o in outs])
-  flat, unravel = jax.flatten_util.ravel_pytree(tree)
-  dense_flat, sparse = _compress_flat(flat, k_from_density(flat.size, density), method, key,
-                                      scale, algorithm)
-  return unravel(dense_flat), sparse
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxasync._src import compression
+      >>> tree = {"w": jnp.array([[1.0, -4.0], [0.5, 2.0]]), "b": jnp.array([3.0])}
+      >>> dense, sparse = compression.compress_tree(tree, 0.4)
+      >>> dense["w"].tolist(), dense["b"].tolist(), sparse.indices.tolist()
+      ([[0.0, -4.0], [0.0, 0.0]], [3.0], [0, 2])
+    """
+    check_density(density)
+    _check_algorithm(algorithm)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got method={method!r}.")
+    if method == "randk" and key is None:
+        raise ValueError("compress_tree: method='randk' needs a PRNG key.")
+    if method == "topk" and scale:
+        raise ValueError("compress_tree: scale=True only applies to method='randk'.")
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return tree, (
+            tree if per_leaf else SparseUpdate(jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32))
+        )
+    if per_leaf:
+        keys = list(jax.random.split(key, len(leaves))) if method == "randk" else [None] * len(leaves)
+        outs = [
+            _compress_flat(leaf.reshape(-1), k_from_density(leaf.size, density), method, lk, scale, algorithm)
+            for leaf, lk in zip(leaves, keys, strict=True)
+        ]
+        dense = [o[0].reshape(leaf.shape) for o, leaf in zip(outs, leaves, strict=True)]
+        return treedef.unflatten(dense), treedef.unflatten([o[1] for o in outs])
+    flat, unravel = jax.flatten_util.ravel_pytree(tree)
+    dense_flat, sparse = _compress_flat(
+        flat, k_from_density(flat.size, density), method, key, scale, algorithm
+    )
+    return unravel(dense_flat), sparse
 
 
 def _leaf_offsets(template: PyTree) -> list[int]:
-  sizes = [int(np.size(leaf)) for leaf in jax.tree.leaves(template)]
-  return [int(o) for o in np.cumsum([0] + sizes[:-1])]
+    sizes = [int(np.size(leaf)) for leaf in jax.tree.leaves(template)]
+    return [int(o) for o in np.cumsum([0] + sizes[:-1])]
 
 
 def flatten_sparse(sparse_tree: PyTree, template: PyTree) -> SparseUpdate:
-  """Turns per-leaf sparse entries into one :class:`SparseUpdate` over the ravelled tree.
+    """Turns per-leaf sparse entries into one :class:`SparseUpdate` over the ravelled tree.
 
-  Leaf-local indices are shifted by the leaf's offset in ``jax.flatten_util.ravel_pytree(template)``
-  (leaves in ``jax.tree.leaves`` order); the result is ascending because every leaf's indices are.
+    Leaf-local indices are shifted by the leaf's offset in ``jax.flatten_util.ravel_pytree(template)``
+    (leaves in ``jax.tree.leaves`` order); the result is ascending because every leaf's indices are.
 
-  Args:
-    sparse_tree: pytree like ``template`` with a :class:`SparseUpdate` at each leaf.
-    template: the pytree (or a pytree of ``jax.ShapeDtypeStruct``) the entries belong to.
+    Args:
+      sparse_tree: pytree like ``template`` with a :class:`SparseUpdate` at each leaf.
+      template: the pytree (or a pytree of ``jax.ShapeDtypeStruct``) the entries belong to.
 
-  Returns:
-    One :class:`SparseUpdate`; values are promoted to a common dtype.
-  """
-  treedef = jax.tree.structure(template)
-  parts = treedef.flatten_up_to(sparse_tree)
-  offsets = _leaf_offsets(template)
-  if not parts:
-    return SparseUpdate(jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32))
-  dtype = jnp.result_type(*[p.values.dtype for p in parts])
-  return SparseUpdate(
-      jnp.concatenate([p.indices + jnp.int32(o) for p, o in zip(parts, offsets, strict=True)]),
-      jnp.concatenate([p.values.astype(dtype) for p in parts]))
+    Returns:
+      One :class:`SparseUpdate`; values are promoted to a common dtype.
+    """
+    treedef = jax.tree.structure(template)
+    parts = treedef.flatten_up_to(sparse_tree)
+    offsets = _leaf_offsets(template)
+    if not parts:
+        return SparseUpdate(jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32))
+    dtype = jnp.result_type(*[p.values.dtype for p in parts])
+    return SparseUpdate(
+        jnp.concatenate([p.indices + jnp.int32(o) for p, o in zip(parts, offsets, strict=True)]),
+        jnp.concatenate([p.values.astype(dtype) for p in parts]),
+    )
 
 
 def sparse_to_tree(sparse: SparseUpdate | PyTree, template: PyTree) -> PyTree:
-  """The dense pytree of a global :class:`SparseUpdate` or of a per-leaf sparse tree.
+    """The dense pytree of a global :class:`SparseUpdate` or of a per-leaf sparse tree.
 
-  Args:
-    sparse: one :class:`SparseUpdate` over the ravelled ``template`` (global form), or a pytree
-      like ``template`` with a :class:`SparseUpdate` per leaf (for a single-array template the two
-      coincide).
-    template: pytree of arrays (or ``jax.ShapeDtypeStruct``) giving structure, shapes and dtypes.
+    Args:
+      sparse: one :class:`SparseUpdate` over the ravelled ``template`` (global form), or a pytree
+        like ``template`` with a :class:`SparseUpdate` per leaf (for a single-array template the two
+        coincide).
+      template: pytree of arrays (or ``jax.ShapeDtypeStruct``) giving structure, shapes and dtypes.
 
-  Returns:
-    A pytree like ``template``, zero outside the entries, in the template's dtypes.
-  """
-  leaves, treedef = jax.tree.flatten(template)
-  sizes = [int(np.size(leaf)) for leaf in leaves]
-  if isinstance(sparse, SparseUpdate):
-    flat = to_dense(sparse, sum(sizes))
-    offsets = _leaf_offsets(template)
-    dense = [flat[o:o + n] for o, n in zip(offsets, sizes, strict=True)]
-  else:
-    dense = [to_dense(p, n) for p, n in zip(treedef.flatten_up_to(sparse), sizes, strict=True)]
-  return treedef.unflatten([
-      x.astype(leaf.dtype).reshape(np.shape(leaf)) for x, leaf in zip(dense, leaves, strict=True)])
+    Returns:
+      A pytree like ``template``, zero outside the entries, in the template's dtypes.
+    """
+    leaves, treedef = jax.tree.flatten(template)
+    sizes = [int(np.size(leaf)) for leaf in leaves]
+    if isinstance(sparse, SparseUpdate):
+        flat = to_dense(sparse, sum(sizes))
+        offsets = _leaf_offsets(template)
+        dense = [flat[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+    else:
+        dense = [to_dense(p, n) for p, n in zip(treedef.flatten_up_to(sparse), sizes, strict=True)]
+    return treedef.unflatten(
+        [x.astype(leaf.dtype).reshape(np.shape(leaf)) for x, leaf in zip(dense, leaves, strict=True)]
+    )
 
 
 def ef_compress(
@@ -446,46 +449,46 @@ def ef_compress(
     *,
     has_aux: bool = False,
 ):
-  """One error-feedback step.
+    """One error-feedback step.
 
-  .. math::
-    a = e + u, \\qquad \\mathrm{sent} = C(a), \\qquad e' = a - \\mathrm{sent}
+    .. math::
+      a = e + u, \\qquad \\mathrm{sent} = C(a), \\qquad e' = a - \\mathrm{sent}
 
-  ``a`` is computed in the dtype of ``residual`` (``update`` is cast to it first), and
-  ``e' = a - sent.astype(a.dtype)``; ``sent`` keeps the dtype the compressor returns (it may round
-  to a lower precision; the rounding error then stays in ``e'``). For compressors that either copy
-  or zero each entry (unscaled top-k / rand-k) ``sent + e' == e + u`` holds exactly, element-wise.
+    ``a`` is computed in the dtype of ``residual`` (``update`` is cast to it first), and
+    ``e' = a - sent.astype(a.dtype)``; ``sent`` keeps the dtype the compressor returns (it may round
+    to a lower precision; the rounding error then stays in ``e'``). For compressors that either copy
+    or zero each entry (unscaled top-k / rand-k) ``sent + e' == e + u`` holds exactly, element-wise.
 
-  Args:
-    residual: the error accumulator ``e`` (array or pytree).
-    update: the new update ``u`` (same structure and shapes as ``residual``).
-    compressor: ``a -> sent`` (same structure as ``a``), or ``a -> (sent, aux)`` with
-      ``has_aux=True`` (for example ``lambda a: compression.top_k(a, k)``, whose ``aux`` is the
-      :class:`SparseUpdate`).
-    has_aux: whether ``compressor`` returns ``(sent, aux)``.
+    Args:
+      residual: the error accumulator ``e`` (array or pytree).
+      update: the new update ``u`` (same structure and shapes as ``residual``).
+      compressor: ``a -> sent`` (same structure as ``a``), or ``a -> (sent, aux)`` with
+        ``has_aux=True`` (for example ``lambda a: compression.top_k(a, k)``, whose ``aux`` is the
+        :class:`SparseUpdate`).
+      has_aux: whether ``compressor`` returns ``(sent, aux)``.
 
-  Returns:
-    ``(sent, new_residual)``, or ``(sent, new_residual, aux)`` with ``has_aux=True``.
+    Returns:
+      ``(sent, new_residual)``, or ``(sent, new_residual, aux)`` with ``has_aux=True``.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxasync._src import compression
-    >>> e = jnp.zeros(4)
-    >>> sent, e, sp = compression.ef_compress(
-    ...     e, jnp.array([1.0, -2.0, 0.5, 0.25]), lambda a: compression.top_k(a, 1), has_aux=True)
-    >>> sent.tolist(), e.tolist()
-    ([0.0, -2.0, 0.0, 0.0], [1.0, 0.0, 0.5, 0.25])
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxasync._src import compression
+      >>> e = jnp.zeros(4)
+      >>> sent, e, sp = compression.ef_compress(
+      ...     e, jnp.array([1.0, -2.0, 0.5, 0.25]), lambda a: compression.top_k(a, 1), has_aux=True)
+      >>> sent.tolist(), e.tolist()
+      ([0.0, -2.0, 0.0, 0.0], [1.0, 0.0, 0.5, 0.25])
 
-  References:
-    Stich, Cordonnier & Jaggi, `Sparsified SGD with Memory
-    <https://arxiv.org/abs/1809.07599>`_, 2018;
-    Karimireddy et al., `Error Feedback Fixes SignSGD and other Gradient Compression Schemes
-    <https://arxiv.org/abs/1901.09847>`_, 2019.
-  """
-  a = jax.tree.map(lambda e, u: e + jnp.asarray(u).astype(e.dtype), residual, update)
-  out = compressor(a)
-  sent, aux = out if has_aux else (out, None)
-  new_residual = jax.tree.map(lambda a_, s: a_ - s.astype(a_.dtype), a, sent)
-  if has_aux:
-    return sent, new_residual, aux
-  return sent, new_residual
+    References:
+      Stich, Cordonnier & Jaggi, `Sparsified SGD with Memory
+      <https://arxiv.org/abs/1809.07599>`_, 2018;
+      Karimireddy et al., `Error Feedback Fixes SignSGD and other Gradient Compression Schemes
+      <https://arxiv.org/abs/1901.09847>`_, 2019.
+    """
+    a = jax.tree.map(lambda e, u: e + jnp.asarray(u).astype(e.dtype), residual, update)
+    out = compressor(a)
+    sent, aux = out if has_aux else (out, None)
+    new_residual = jax.tree.map(lambda a_, s: a_ - s.astype(a_.dtype), a, sent)
+    if has_aux:
+        return sent, new_residual, aux
+    return sent, new_residual

@@ -72,8 +72,7 @@ class Problem:
             for a, b in zip(first, leaves):
                 if np.shape(a)[1:] != b.shape[1:]:
                     raise ValueError(
-                        f"shard {i}: example shape {b.shape[1:]} differs from shard 0's "
-                        f"{np.shape(a)[1:]}"
+                        f"shard {i}: example shape {b.shape[1:]} differs from shard 0's {np.shape(a)[1:]}"
                     )
             (length,) = lengths
             if length == 0:

@@ -18,8 +18,15 @@ T = TypeVar("T")
 class Progress:
     """A one-line progress bar: ``label [#####.....] done/total elapsed note``."""
 
-    def __init__(self, label: str, total: int | None = None, *, enabled: bool | None = None,
-                 width: int = 28, stream=None):
+    def __init__(
+        self,
+        label: str,
+        total: int | None = None,
+        *,
+        enabled: bool | None = None,
+        width: int = 28,
+        stream=None,
+    ):
         self.label, self.total, self.width = label, total, width
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
