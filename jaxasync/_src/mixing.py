@@ -58,17 +58,21 @@ def _check_leading(tree: PyTree, size: int, what: str) -> None:
             )
 
 
-def sum_slots(x: jax.Array) -> jax.Array:
-    """``sum_k x[k]`` over the leading (slot or node) axis, added in index order.
+def sum_slots(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """``sum_k x[k]`` (or ``sum_k weights[k] * x[k]``) over the leading slot or node axis, in index order.
 
     Unrolled on purpose: XLA:CPU runs ``jnp.sum(x, axis=0)`` over a short leading axis as a slow
-    strided reduction (~25x a fused elementwise add at d = 2^20); slot counts are small.
+    strided reduction (~25x a fused elementwise add at d = 2^20) and a weighted sum as a ``dot``
+    that no elementwise consumer fuses with; slot counts are small.
     """
+    if weights is not None:
+        weights = weights.astype(x.dtype)
     if x.shape[0] == 0:
         return jnp.zeros(x.shape[1:], x.dtype)
-    total = x[0]
-    for k in range(1, x.shape[0]):
-        total = total + x[k]
+    total = None
+    for k in range(x.shape[0]):
+        term = x[k] if weights is None else weights[k] * x[k]
+        total = term if total is None else total + term
     return total
 
 
@@ -137,8 +141,9 @@ def pull_mix_node(self_weight, neighbor_weights, own: PyTree, neighbor_values: P
     _check_leading(neighbor_values, neighbor_weights.shape[0], "pull_mix_node")
     used = neighbor_weights if mask is None else jnp.where(mask, neighbor_weights, 0)
     keep = self_weight + jnp.sum(neighbor_weights - used)
-    mixed = _weighted_sum(used, neighbor_values)
-    return jax.tree.map(lambda o, m: jnp.asarray(keep, o.dtype) * o + m, own, mixed)
+    return jax.tree.map(
+        lambda o, v: jnp.asarray(keep, o.dtype) * o + sum_slots(v, used), own, neighbor_values
+    )
 
 
 def pairwise_average(xi: PyTree, xj: PyTree) -> tuple[PyTree, PyTree]:

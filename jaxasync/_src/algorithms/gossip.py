@@ -534,10 +534,9 @@ def sgp(
     graph = base.check_graph(name, graph)
     opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
     n, m_out = graph.n, graph.max_out_degree
-    self_p, out_p = (
-        jnp.asarray(a, jnp.float32)
-        for a in topology_lib.out_weight_table(graph, topology_lib.push_weights(graph))
-    )
+    self_p, out_p = topology_lib.out_weight_table(graph, topology_lib.push_weights(graph))
+    assert np.all((out_p == 0) | (out_p == self_p[:, None])), "push_weights are uniform"
+    self_p, out_p = jnp.asarray(self_p, jnp.float32), jnp.asarray(out_p, jnp.float32)
     out_degree = jnp.asarray(graph.out_degree, jnp.int32)
 
     def payload(params):  # one push-sum share: a model-shaped numerator and a float32 weight
@@ -565,9 +564,15 @@ def sgp(
         updates, opt_state = opt.update(base.cast_like(g, z), state.opt_state, z)
         if scale_by_weight:  # move the de-biased z = x / w by the update, whatever w is
             updates = jax.tree.map(lambda u: u * state.w.astype(u.dtype), updates)
-        x = base.cast_like(optax.apply_updates(state.x, updates), state.x)
         keep, out = shares(state)
-        kept, sent = mixing_lib.push_sum_split(mixing_lib.PushSumState(x, state.w), keep, out)
+        # keep (x + u), written keep x + keep u so that XLA:CPU computes it once rather than again
+        # in the payload's loop (the two round alike: keep is 1/2 or 1/(deg + 1), see `shares`).
+        x = jax.tree.map(
+            lambda x, u: keep.astype(x.dtype) * x + keep.astype(x.dtype) * u.astype(x.dtype), state.x, updates
+        )
+        kept = mixing_lib.PushSumState(x, keep * state.w)
+        # Every share sent equals the kept one (uniform weights): the payload is `kept` per used slot.
+        sent = jax.tree.map(lambda v: jnp.where((out > 0).reshape((-1,) + (1,) * v.ndim), v[None], 0), kept)
         state = SGPState(state.node, state.count + 1, kept.value, kept.weight, opt_state)
         return state, program_lib.Emit(outbox={"push": base.outbox(sent, out > 0)})
 

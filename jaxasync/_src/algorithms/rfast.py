@@ -203,7 +203,12 @@ def rfast(
         opt = optax.chain(opt, optax.scale(1.0 / factor))
 
     self_r, in_r = (jnp.asarray(a, jnp.float32) for a in topology_lib.in_weight_table(pull, r))
-    self_c, out_c = (jnp.asarray(a, jnp.float32) for a in topology_lib.out_weight_table(push, c))
+    self_c, out_c = topology_lib.out_weight_table(push, c)
+    # Uniform push weights: every pushed share c_ji z^{1/2} is the kept share c_ii z^{1/2}, i.e. the
+    # new z. The step adds z itself to rho_out (bitwise the same) so z^{1/2} has a single reader:
+    # XLA:CPU would otherwise recompute it, re-reading 7 vectors, for each output that needs it.
+    assert np.all((out_c == 0) | (out_c == self_c[:, None])), "push_weights are uniform"
+    self_c = jnp.asarray(self_c, jnp.float32)
     n = pull.n
     pull_out_mask = jnp.asarray(pull.out_mask).reshape(n, -1)
     push_out_mask = jnp.asarray(push.out_mask).reshape(n, -1)
@@ -235,17 +240,24 @@ def rfast(
         x_new = mixing_lib.pull_mix_node(self_r[i], in_r[i], state.y, state.v_hat)  # (a)
         g_new = base.gradient(grad_fn, x_new, batch)  # (b)
         absorbed, rho_tilde = mixing_lib.running_sum_absorb(s.rho_hat, s.rho_tilde)  # (c)
-        z_half = jax.tree.map(lambda z, a, gn, go: z + a + gn - go, state.z, absorbed, g_new, state.g)
-        z = jax.tree.map(lambda v: self_c[i].astype(v.dtype) * v, z_half)  # (d)
-        rho_out = mixing_lib.running_sum_send(s.rho_out, z_half, out_c[i])
+        # (d): z = c_ii z^{1/2}, written as c_ii z + c_ii (...) so that XLA:CPU computes it once
+        # (a scaled sum is recomputed, re-reading 7 vectors, in every loop that reads it).
+        c = self_c[i]
+        z = jax.tree.map(
+            lambda z, a, gn, go: c.astype(z.dtype) * z + c.astype(z.dtype) * (a + gn - go),
+            state.z,
+            absorbed,
+            g_new,
+            state.g,
+        )
+        pushed = mixing_lib.running_sum_send(
+            s.rho_out if robust else jax.tree.map(jnp.zeros_like, s.rho_out), z, push_out_mask[i]
+        )
+        rho_out = pushed if robust else mixing_lib.running_sum_send(s.rho_out, z, push_out_mask[i])
         y, opt_state = base.descend(opt, z, state.opt_state, x_new)  # (e)
-        if robust:
-            sent = rho_out
-        else:
-            sent = mixing_lib.running_sum_send(jax.tree.map(jnp.zeros_like, rho_out), z_half, out_c[i])
         outbox = {
             "pull": base.outbox(base.stack(y, pull.max_out_degree), pull_out_mask[i]),
-            "sums": base.outbox(sent, push_out_mask[i]),
+            "sums": base.outbox(pushed, push_out_mask[i]),
         }
         state = state._replace(
             count=state.count + 1,
