@@ -12,8 +12,8 @@ heterogeneous speeds) with n = 16 nodes and d = 100, we run
 Targets (issue "The simulator"): simulate >= 30x the loop's events/s; 8 seeds cost <= 3x one seed.
 Every figure is a ratio measured in this run.
 
-Several seeds run in one compiled call the way ``simulate(seeds=...)`` runs them (``vmap`` for
-programs without messages, one after the other otherwise; see ``simulator.over_seeds``).
+Several seeds run in one compiled call the way ``simulate(seeds=...)`` runs them (``vmap``; see
+``simulator.over_seeds``).
 
   python bench/sim.py [--steps 20000]
 """
@@ -138,7 +138,7 @@ def _timed_simulate(program, problem, asynchrony, steps, seeds=None):
     fn = functools.partial(
         simulator.run, static, params, num_records=1, record_every=steps, max_events_per_record=100 * steps
     )
-    fn = jax.jit(fn if seeds is None else simulator.over_seeds(fn, program))
+    fn = jax.jit(fn if seeds is None else simulator.over_seeds(fn))
     arg = jnp.int32(0) if seeds is None else jnp.arange(seeds, dtype=jnp.int32)
     start = time.perf_counter()
     out = jax.block_until_ready(fn(arg))

@@ -96,7 +96,8 @@ def sample(kind: str, key: jax.Array, scale: jax.Array) -> jax.Array:
         return scale * jax.random.exponential(key, dtype=jnp.float32)
     if kind == "abs_normal":
         return jnp.abs(scale + scale * jax.random.normal(key, dtype=jnp.float32)) + 1.0
-    if kind == "poisson":
+    if kind == "poisson":  # jax.random.poisson takes only JAX's own threefry keys: the same bits, rewrapped
+        key = jax.random.wrap_key_data(jax.random.key_data(key))
         return jax.random.poisson(key, scale).astype(jnp.float32)
     if kind == "uniform":
         return scale * jax.random.uniform(key, dtype=jnp.float32) + 1.0

@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxasync._src import asynchrony as asynchrony_lib
 from jaxasync._src import program as program_lib
+from jaxasync._src import threefry
 
 PyTree = Any
 
@@ -72,6 +73,7 @@ class _Carry(NamedTuple):
     version: jax.Array  # int32: shared-buffer updates so far
     read_version: jax.Array  # int32 [n]: version when the node last read the shared buffer
     counters: Counters
+    heads: tuple  # per pool: the payload of its earliest message, read after the previous event
     log: Any  # EventLog of fixed length, or None when not logging
 
 
@@ -317,8 +319,8 @@ def _send(
     return carry._replace(pools=tuple(pools), seq=seq, counters=c)
 
 
-def _event(static: _Static, params: dict, carry: _Carry, keys, op_templates) -> _Carry:
-    """Processes the earliest pending event (or nothing if none is pending).
+def _event(static: _Static, params: dict, carry: _Carry, keys, op_templates, enabled=True) -> _Carry:
+    """Processes the earliest pending event (or nothing if none is pending or not ``enabled``).
 
     Only the handler call sits in the ``switch``, on one node's state and one message: the stacked
     states, the message pools and the shared objects stay outside it, so XLA updates them in place
@@ -330,7 +332,7 @@ def _event(static: _Static, params: dict, carry: _Carry, keys, op_templates) -> 
     heads = jnp.stack([jnp.min(p.time) for p in carry.pools] + [jnp.min(carry.step_time)])
     which = _argmin(heads)
     now = heads[which]
-    idle = jnp.isinf(now)
+    idle = jnp.isinf(now) | ~enabled
     if carry.log is not None:
         carry = _log_event(static, carry, which, now, crash)
     carry = carry._replace(now=jnp.where(idle, carry.now, now))
@@ -341,7 +343,7 @@ def _event(static: _Static, params: dict, carry: _Carry, keys, op_templates) -> 
     is_step = which == nc
     alive = ~idle & (carry.now < crash[node])
     msgs = tuple(
-        program_lib.Message(p.slot[m], p.seq[m], _tree_get(p.payload, m)) for p, m in zip(carry.pools, slots)
+        program_lib.Message(p.slot[m], p.seq[m], h) for p, m, h in zip(carry.pools, slots, carry.heads)
     )
     state = _tree_get(carry.states, node)
 
@@ -403,16 +405,24 @@ def _event(static: _Static, params: dict, carry: _Carry, keys, op_templates) -> 
     delivered = ~idle & ~is_step
     one_hot = (jnp.arange(nc) == which) & delivered
     c = c._replace(
-        events=c.events + 1,
+        events=c.events + (~idle).astype(jnp.int32),
         steps=c.steps.at[node].add((is_step & alive).astype(jnp.int32)),
         delivered=c.delivered + (one_hot & alive).astype(jnp.int32),
         dropped=c.dropped + (one_hot & ~alive).astype(jnp.int32),
     )
     return carry._replace(
+        heads=_heads(carry.pools),
         states=_tree_set(carry.states, node, observed),
         step_time=carry.step_time.at[node].set(next_time),
         counters=c,
     )
+
+
+def _heads(pools) -> tuple:
+    """Each pool's earliest payload. Read after the event's writes to the pool, not before them:
+    under ``vmap`` a pool read (a gather) before its in-place write (a scatter) in the same
+    iteration makes XLA copy the whole pool on every event."""
+    return tuple(_tree_get(p.payload, _argmin(p.time)) for p in pools)
 
 
 def _log_event(static: _Static, carry: _Carry, which, now, crash) -> _Carry:
@@ -443,10 +453,14 @@ def _log_event(static: _Static, carry: _Carry, which, now, crash) -> _Carry:
 
 
 def root_keys(seed) -> tuple[jax.Array, jax.Array]:
-    """``(k_init, k_run)`` of a simulation with this seed (an int or a PRNG key)."""
+    """``(k_init, k_run)`` of a simulation with this seed (an int or a PRNG key).
+
+    An int seed makes keys of :data:`threefry.KEY_IMPL`: JAX's default bits from an unrolled hash,
+    several times cheaper per event on CPU than JAX's rolled one.
+    """
     key = seed
     if not jax.dtypes.issubdtype(jnp.result_type(seed), jax.dtypes.prng_key):
-        key = jax.random.key(seed)
+        key = jax.random.key(seed, impl=threefry.KEY_IMPL)
     k_init, k_run = jax.random.split(key)
     return k_init, k_run
 
@@ -532,6 +546,7 @@ def _init_carry(static: _Static, params: dict, seed, log_size: int) -> _Carry:
         version=jnp.int32(0),
         read_version=jnp.zeros((n,), jnp.int32),
         counters=counters,
+        heads=_heads(pools),
         log=None
         if not log_size
         else EventLog(
@@ -601,11 +616,17 @@ def run(
     record_every: int,
     max_events_per_record: int,
     log_size: int = 0,
+    axis_name: str | None = None,
 ):
     """Runs the simulation and returns (final carry, metrics stacked over ``num_records + 1`` points).
 
     A record is taken every ``record_every`` completed local steps (summed over nodes), and at the
     start. A chunk stops early if no event is pending or after ``max_events_per_record`` events.
+
+    Under ``vmap(..., axis_name=axis_name)`` (see :func:`over_seeds`) the event loop runs while any
+    simulation of the batch has work, and one that has none processes no event. Without the name,
+    a batched ``while_loop`` would keep every finished simulation's carry with a ``select``, which
+    copies every loop-carried buffer (message pools, node states) on every event.
     """
     carry = _init_carry(static, params, seed, log_size)
     k_run = root_keys(seed)[1]
@@ -617,7 +638,7 @@ def run(
         target = r * record_every  # r = 0 records the initial state
         start = carry.counters.events
 
-        def cond(carry):
+        def work(carry):
             pending = jnp.isfinite(jnp.min(carry.step_time))
             for p in carry.pools:
                 pending |= jnp.isfinite(jnp.min(p.time))
@@ -627,13 +648,22 @@ def run(
                 & (carry.counters.events - start < max_events_per_record)
             )
 
+        def cond(carry):
+            if axis_name is None:
+                return work(carry)
+            return jax.lax.psum(work(carry).astype(jnp.int32), axis_name) > 0
+
         def body(carry):
-            return _event(static, params, carry, _event_keys(k_run, carry.counters.events), op_templates)
+            keys = _event_keys(k_run, carry.counters.events)
+            return _event(static, params, carry, keys, op_templates, enabled=work(carry))
 
         carry = jax.lax.while_loop(cond, body, carry)
         return carry, _metrics(static, carry, params)
 
     return jax.lax.scan(chunk, carry, jnp.arange(num_records + 1))
+
+
+_SEEDS = "seeds"  # the vmap axis of over_seeds
 
 
 def num_nodes(program: program_lib.NodeProgram, problem) -> int:
@@ -695,14 +725,9 @@ def make_params(asynchrony: asynchrony_lib.Asynchrony, n: int) -> dict:
     )
 
 
-def over_seeds(fn, program: program_lib.NodeProgram):
-    """``fn(seed)`` over an array of seeds: ``vmap`` for programs without messages, else ``lax.map``.
-
-    Under vmap, XLA:CPU lowers the message pools' batched row gathers and scatters to slow generic
-    loops (8 seeds cost 30-50x one seed); one seed after the other in the same compiled function costs
-    8x. Programs without messages vectorize well (8 seeds cost about 1x one seed).
-    """
-    return jax.vmap(fn) if not program.channels else (lambda seeds: jax.lax.map(fn, seeds))
+def over_seeds(fn):
+    """``fn(seed)`` (a partial of :func:`run`) over an array of seeds, vectorized with ``vmap``."""
+    return jax.vmap(functools.partial(fn, axis_name=_SEEDS), axis_name=_SEEDS)
 
 
 def _settings(program: program_lib.NodeProgram, problem, steps: int, record_every, max_events):
@@ -778,8 +803,8 @@ def simulate(
       asynchrony: a :class:`jaxasync.Asynchrony` (default: ``Exp(1)`` compute times, no delay).
       steps: local steps (gradient jobs, summed over nodes) to simulate.
       seed: the seed of every random draw (schedule, minibatches, algorithm keys).
-      seeds: several seeds in one compiled call (vectorized with ``vmap`` for programs without
-        messages, one after the other otherwise); the trace's arrays get a leading seed axis.
+      seeds: several seeds in one compiled call, vectorized with ``vmap``; the trace's arrays get a
+        leading seed axis (each seed's trace equals its own run up to float rounding).
       record_every: local steps between two metric records (default ``steps // 100``).
       pool_size: in-flight messages a channel can hold (default ``max(64, 8 n max_out_degree)``);
         messages beyond it are dropped and counted as ``overflow``.
@@ -802,7 +827,7 @@ def simulate(
     if seeds is None:
         _, records = jax.jit(fn)(jnp.int32(seed))
     else:
-        _, records = jax.jit(over_seeds(fn, algorithm))(jnp.asarray(seeds, jnp.int32))
+        _, records = jax.jit(over_seeds(fn))(jnp.asarray(seeds, jnp.int32))
     records = jax.device_get(records)
     _check_overflow(records, algorithm.name, "warn", stacklevel=2)
     seed = seed if seeds is None else list(map(int, seeds))
