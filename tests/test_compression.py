@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from jaxasync._src import compression
 
 D = 64
-KS = (1, 5, 64)  # With D = 64 "auto" is lax.top_k; bisection is checked against it below.
+KS = (1, 5, 64)  # With D = 64 "auto" is lax.top_k; radix selection is checked against it below.
 SETTINGS = hypothesis.settings(
     max_examples=30, deadline=None, database=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
 )
@@ -31,7 +31,7 @@ def _select(x, key, k, algorithm="auto"):
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _select_both_ways(x, key, k):
-    return (_select(x, key, k, "top_k"), _select(x, key, k, "bisect"))
+    return (_select(x, key, k, "top_k"), _select(x, key, k, "radix"))
 
 
 def _top_k(x, k, algorithm="auto"):
@@ -128,7 +128,7 @@ def test_top_k_algorithms_agree_on_a_large_vector():
     x = jax.random.normal(jax.random.PRNGKey(0), (2**16,))
     k = 2**16 // 10
     a = jax.jit(lambda v: compression.top_k(v, k, algorithm="top_k")[1])(x)
-    b = jax.jit(lambda v: compression.top_k(v, k)[1])(x)  # "auto" picks bisection here
+    b = jax.jit(lambda v: compression.top_k(v, k)[1])(x)  # "auto" picks radix here
     np.testing.assert_array_equal(np.asarray(a.indices), np.asarray(b.indices))
     np.testing.assert_array_equal(np.asarray(a.values), np.asarray(b.values))
 

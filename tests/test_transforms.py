@@ -474,7 +474,7 @@ def test_staleness_requires_delay_in_a_chain():
         opt.update(jnp.ones(2), opt.init(jnp.ones(2)), jnp.ones(2))
 
 
-@pytest.mark.parametrize("algorithm", ["top_k", "bisect"])
+@pytest.mark.parametrize("algorithm", ["top_k", "radix"])
 def test_sparsify_vmaps_over_nodes(algorithm):
     # Simulators vmap node programs: a batch of states (own keys) gives the per-node results.
     params = _params()

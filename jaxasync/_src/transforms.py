@@ -211,7 +211,7 @@ def sparsify(
         feedback (the scaled compressor is not a contraction).
       residual_dtype: dtype of the error-feedback memory; ``None`` uses the params' dtypes. A wider
         dtype (``jnp.float32`` for bfloat16 params) keeps the bits lost when rounding the sent update.
-      algorithm: exact selection algorithm, ``"auto"``, ``"top_k"`` or ``"bisect"``
+      algorithm: exact selection algorithm, ``"auto"``, ``"top_k"`` or ``"radix"``
         (see :mod:`jaxasync._src.compression`).
 
     Returns:
