@@ -195,8 +195,11 @@ def test_sweep_matches_simulate_and_compiles_once():
     assert states0.x.shape == (1, N, 3) and states1.x.shape == (2, N, 3)
     assert states1.node.tolist() == [list(range(N))] * 2
     one = ja.simulate(_gossip(RING), problem, specs[1], steps=60, seed=2)
-    for k in one.metrics:
-        np.testing.assert_array_equal(tr1[k][1], one[k], err_msg=k)
+    for k in one.metrics:  # the same events; floats up to rounding (vmapped vs one seed)
+        if np.issubdtype(one[k].dtype, np.integer):
+            np.testing.assert_array_equal(tr1[k][1], one[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(tr1[k][1], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_sweep_checks_its_arguments():

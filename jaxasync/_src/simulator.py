@@ -870,12 +870,11 @@ def sweep(
     :func:`simulate` bakes the program and the asynchrony spec into its compiled function, so every
     setting costs another compile (seconds each on a small CPU). ``sweep`` compiles the event loop
     once with the spec's arrays (scales, stragglers, crash times, loss rate), the seed and the step
-    size as *arguments*, then runs every ``(run, seed)`` pair one after the other from Python. (On
-    CPU, a ``vmap`` over the event loop is slower than this loop: a batched ``while_loop`` executes
-    every branch of every event, and compiles several times slower.)
+    size as *arguments*, then runs the runs one after the other, each run's seeds at once under
+    ``vmap`` (a run's seed lists of one length compile once).
 
-    A run with the same program, spec and seed gives the same trace as :func:`simulate` with
-    ``seed=`` that seed.
+    A run with the same program, spec and seeds gives the same trace as :func:`simulate` with
+    ``seeds=`` those seeds.
 
     Example::
 
@@ -965,20 +964,20 @@ def sweep(
         return make_static(algorithm(h), problem, specs[0], pool_size)
 
     @jax.jit
-    def one(h, params, seed):
-        carry, records = run(build(h), params, seed, **settings)
-        return (carry.states if return_states else None), records
+    def many(h, params, seeds):
+        def one(seed, axis_name=None):
+            carry, records = run(build(h), params, seed, axis_name=axis_name, **settings)
+            return (carry.states if return_states else None), records
+
+        return over_seeds(one)(seeds)
 
     out = []
     for h, spec, run_seeds in zip(step_sizes, specs, seed_lists):
         params = make_params(spec, n)
         h_arg = None if h is None else jnp.float32(h)
-        results = []
-        for seed in run_seeds:
-            results.append(jax.device_get(one(h_arg, params, jnp.int32(seed))))
-            if on_run is not None:
-                on_run()
-        states, records = jax.tree.map(lambda *xs: np.stack(xs), *results)
+        states, records = jax.device_get(many(h_arg, params, jnp.asarray(run_seeds, jnp.int32)))
+        for _ in run_seeds if on_run is not None else ():
+            on_run()
         _check_overflow(records, program.name, overflow, stacklevel=2)
         meta = _meta(program, problem, n, steps, settings["record_every"], spec, list(run_seeds))
         if h is not None:
