@@ -56,11 +56,10 @@ _SERVER_DELAY = 2.0
 _STUDY_N = 8
 _STUDY_DELAYS = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0)
 _STUDY_SEEDS = tuple(range(6))
-_STUDY_STEPS = 1200
-# problem -> (eps levels of ||grad f||^2, step grid)
+# problem -> (eps levels of ||grad f||^2, step grid, gradients per run)
 _STUDY = {
-    "least squares": ((1e-1, 1e-2), (0.0125, 0.025, 0.05, 0.1, 0.2)),
-    "logistic": ((1e-2, 1e-3), (0.025, 0.05, 0.1, 0.2, 0.4, 0.8)),
+    "least squares": ((1e-1, 1e-2), (0.0125, 0.025, 0.05, 0.1, 0.2), 1200),
+    "logistic": ((1e-3, 3e-4), (0.025, 0.05, 0.1, 0.2, 0.4, 0.8), 2000),
 }
 
 
@@ -173,10 +172,9 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
         "logistic": (_logistic_problems, *_STUDY["logistic"]),
     }
     if quick:  # the logistic variant only, two delays, two steps
-        study = {"logistic": (_logistic_problems, _STUDY["logistic"][0], (0.1, 0.4))}
+        study = {"logistic": (_logistic_problems, _STUDY["logistic"][0], (0.1, 0.4), 400)}
     study_delays = (0.1, 4.0) if quick else _STUDY_DELAYS
     study_seeds = (0, 1) if quick else _STUDY_SEEDS
-    study_steps = 400 if quick else _STUDY_STEPS
 
     # (label, n, make_program, problem, [(step, spec, tag)], steps, record_every)
     jobs = [
@@ -253,8 +251,8 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
         for (h, _, tag), trace in zip(runs, out):
             res[label, n, h, tag] = trace
     studied = {
-        name: _study(make, eps, lrs, study_delays, study_seeds, study_steps, tick)
-        for name, (make, eps, lrs) in study.items()
+        name: _study(make, eps, lrs, study_delays, study_seeds, steps, tick)
+        for name, (make, eps, lrs, steps) in study.items()
     }
     bar.close()
 
@@ -377,6 +375,29 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
             )
             continue
         checks += _proportion_checks(name, s_arr, extra_arr, eps[-1], "best step of the grid per S")
+        if np.all(extra_arr <= 0):
+            notes.append(
+                f"{name}: DASGD needs no more gradients than sequential SGD at any staleness here "
+                "(K* - K*_seq <= 0 up to S_avg "
+                f"{s_arr.max():.0f}), so the linear growth the bound allows is not observed: in this "
+                "noise-dominated regime the noise term dominates, and the metric, taken at the mean of the "
+                "node models, benefits from averaging models that miss different in-flight updates (less "
+                "gradient noise); the paper's bound is an upper bound"
+            )
+        top = result["points"][int(np.argmax(s_arr))]
+        cost = {e: max(top["best"][e][0] - result["seq"][e][0], 0.0) / result["seq"][e][0] for e in eps}
+        checks.append(
+            common.Check(
+                f"{name}: the cost of staleness becomes negligible as eps shrinks: at the largest S_avg "
+                f"({top['s_avg']:.1f}), max(K* - K*_seq, 0) / K*_seq at eps={eps[-1]:g} <= at eps={eps[0]:g}",
+                bool(cost[eps[-1]] <= cost[eps[0]]),
+                ", ".join(
+                    f"eps {e:g}: K* {top['best'][e][0]:g} vs K*_seq {result['seq'][e][0]:g} "
+                    f"(relative cost {cost[e]:.2f})"
+                    for e in eps
+                ),
+            )
+        )
         coarse = np.array([p["best"][eps[0]][0] for p in result["points"]]) - result["seq"][eps[0]][0]
         edges = [
             f"D={p['d']:g} eps={e:g}"
