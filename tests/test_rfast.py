@@ -202,7 +202,8 @@ def lossy_runs():
     ring = topology.directed_ring(8)
     traces = {}
     for robust in (True, False):
-        prog = rfast_lib.rfast(ring, ring, learning_rate=0.1, robust=robust)
+        # lr 0.05: gamma = 0.1 (the directed ring's nodes keep half of their tracker)
+        prog = rfast_lib.rfast(ring, ring, learning_rate=0.05, robust=robust)
         traces[robust] = simulator.simulate(prog, problem, asynchrony, steps=1600, seed=0, record_every=160)
     # Parameter-server-like pair: pull down the out-tree from 0, push up the in-tree to 0.
     tree = rfast_lib.rfast(topology.out_tree(8), topology.in_tree(8), learning_rate=0.1)
@@ -348,6 +349,15 @@ def test_bad_graphs():
         rfast_lib.rfast(np.ones((3, 3), bool), ring, learning_rate=0.1)
     with pytest.raises(ValueError, match="nodes"):
         rfast_lib.rfast(topology.directed_ring(4), ring, learning_rate=0.1)
+
+
+def test_ring_step_is_the_kept_share_corrected_rate():
+    # Directed ring: the node keeps c_ii = 1/2 of z^{1/2} and u = v = 1/n, so gamma = lr / (1/2):
+    # the descent -gamma c_ii g moves by lr g, as on the tree.
+    prog = rfast_lib.rfast(topology.directed_ring(4), topology.directed_ring(4), learning_rate=0.1)
+    state = prog.init(jnp.int32(0), jnp.zeros(D), jax.random.key(0))
+    state, _ = prog.step(state, _lsq_grad, {"a": jnp.eye(D), "b": jnp.ones(D)}, jax.random.key(0))
+    np.testing.assert_allclose(state.y, 0.1 * np.ones(D) / D, rtol=1e-6)
 
 
 def test_tree_step_is_divided_by_n():

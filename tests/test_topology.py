@@ -333,12 +333,14 @@ def test_perron_vectors_and_effective_step():
     np.testing.assert_allclose(u, np.full(n, 1 / n))
     np.testing.assert_allclose(v, np.full(n, 1 / n))
     assert topology.effective_step_factor(r, c) == pytest.approx(1.0)
+    assert topology.effective_step_factor(r, c, kept_share=True) == pytest.approx(1 / 3)  # c_ii = 1/3
 
     r, c = topology.pull_weights(topology.out_tree(n)), topology.push_weights(topology.in_tree(n))
     u, v = topology.perron_vectors(r, c)
     np.testing.assert_allclose(u, np.eye(n)[0], atol=1e-12)
     np.testing.assert_allclose(v, np.eye(n)[0], atol=1e-12)
     assert topology.effective_step_factor(r, c) == pytest.approx(n)
+    assert topology.effective_step_factor(r, c, kept_share=True) == pytest.approx(n)  # the root keeps all
 
     r = topology.pull_weights(topology.exponential(n))
     c = topology.push_weights(topology.directed_ring(n))

@@ -796,21 +796,27 @@ def perron_vectors(r, c) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def effective_step_factor(r, c) -> float:
+def effective_step_factor(r, c, *, kept_share: bool = False) -> float:
     r"""The factor ``n u^T v`` by which gradient tracking scales the step size.
 
-    With Push-Pull / R-FAST the trackers sum to the *sum* of the local gradients and
-    settle as ``z ~ v sum_i g_i``, so the ``u``-weighted average moves by
-    ``gamma * n (u^T v) * mean_i g_i``: the effective step is ``gamma * factor``.
-    It is 1 for doubly stochastic weights and ``n`` for a tree rooted at one node
-    (``u = v = e_root``). Divide a target step by this factor to get ``gamma``.
+    With Push-Pull the trackers sum to the *sum* of the local gradients and settle as
+    ``z ~ v sum_i g_i``, so the ``u``-weighted average moves by ``gamma * n (u^T v) * mean_i g_i``:
+    the effective step is ``gamma * factor``. It is 1 for doubly stochastic weights and ``n`` for a
+    tree rooted at one node (``u = v = e_root``). Divide a target step by this factor to get
+    ``gamma``.
+
+    R-FAST descends along the share ``c_ii z_i`` a node keeps after its push step
+    (``kept_share=True``): the average then moves by ``gamma * n sum_i u_i c_ii v_i`` times the mean
+    gradient (a third of Push-Pull's factor on a ring with self-weight 1/3; the same on a tree,
+    whose root keeps everything).
 
     Args:
       r: ``[n, n]`` row-stochastic pull weights.
       c: ``[n, n]`` column-stochastic push weights.
+      kept_share: the descent uses the kept share ``c_ii z_i`` instead of ``z_i``.
 
     Returns:
-      ``n * u @ v`` as a float.
+      ``n * u @ v`` (``n * sum_i u_i c_ii v_i`` with ``kept_share``) as a float.
 
     Example:
       >>> effective_step_factor(pull_weights(out_tree(4)), push_weights(in_tree(4)))
@@ -821,4 +827,6 @@ def effective_step_factor(r, c) -> float:
       optimization in networks", IEEE TAC 2021 (arXiv:1810.06653).
     """
     u, v = perron_vectors(r, c)
+    if kept_share:
+        v = np.diag(np.asarray(c, np.float64)) * v
     return float(u.shape[0] * (u @ v))

@@ -140,11 +140,13 @@ def rfast(
     ``"pull"`` and ``rho_hat`` on channel ``"sums"``. Weights: ``R = pull_weights(pull)`` (rows sum
     to 1) and ``C = push_weights(push)`` (columns sum to 1).
 
-    Step size: the trackers sum to the *sum* of the local gradients, so the network average moves
-    by ``gamma * n u^T v`` times the mean gradient (``u``, ``v`` the Perron vectors of ``R`` and
-    ``C``; 1 on a doubly stochastic pair, ``n`` on a tree). ``learning_rate`` is that effective
-    step; with ``effective_step=True`` (default) ``gamma = learning_rate / (n u^T v)``
-    (`topology.effective_step_factor`), and an ``optimizer`` is followed by the same scaling. With an
+    Step size: the trackers sum to the *sum* of the local gradients and a node descends along the
+    share ``c_ii z_i^{1/2}`` it keeps, so the network average moves by
+    ``gamma * n sum_i u_i c_ii v_i`` times the mean gradient (``u``, ``v`` the Perron vectors of
+    ``R`` and ``C``; ``n`` on a tree, 1/3 on a ring with self-weights 1/3). ``learning_rate`` is
+    that effective step; with ``effective_step=True`` (default) ``gamma`` is ``learning_rate``
+    divided by the factor (`topology.effective_step_factor(r, c, kept_share=True)`), and an
+    ``optimizer`` is followed by the same scaling. With an
     optimizer ``x - gamma z`` becomes ``x + opt.update(z)``: the optimizer sees the tracker as its
     gradient (one update per local step).
 
@@ -163,8 +165,8 @@ def rfast(
       push: ``G_C``; edge ``i -> j`` means ``i`` pushes tracker mass to ``j``.
       learning_rate: effective step size (SGD on the tracker); or
       optimizer: an Optax transformation applied to the tracker ``z`` each local update.
-      effective_step: divide the step by ``n u^T v`` so ``learning_rate`` means the same on every
-        topology pair (False: ``gamma = learning_rate``, optimizer unscaled).
+      effective_step: divide the step by ``n sum_i u_i c_ii v_i`` so ``learning_rate`` means the
+        same on every topology pair (False: ``gamma = learning_rate``, optimizer unscaled).
       robust: running sums (R-FAST) or increments (the non-robust ablation).
 
     Returns:
@@ -195,7 +197,7 @@ def rfast(
     push = base.check_graph(name, push, "push")
     topology_lib.check_common_root(pull, push)
     r, c = topology_lib.pull_weights(pull), topology_lib.push_weights(push)
-    factor = topology_lib.effective_step_factor(r, c) if effective_step else 1.0
+    factor = topology_lib.effective_step_factor(r, c, kept_share=True) if effective_step else 1.0
     if learning_rate is not None and optimizer is None:
         learning_rate = base.check_learning_rate(name, learning_rate) / factor
     opt = base.local_optimizer(name, learning_rate=learning_rate, optimizer=optimizer)
