@@ -175,8 +175,11 @@ def _popcount(words: jax.Array) -> jax.Array:
     return jax.lax.population_count(words).astype(jnp.int32)
 
 
-def _select_radix(scores: jax.Array, k: int) -> jax.Array:
-    """Ascending indices of the ``k`` largest non-negative float32 ``scores`` (ties: lower index)."""
+def _select_radix(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Ascending indices of the ``k`` largest non-negative float32 ``scores`` (ties: lower index).
+
+    Also returns the bool mask of those positions (unpacked from the words: no extra pass).
+    """
     # For non-negative IEEE floats the int32 bit pattern is monotone in the value. The k-th largest
     # pattern ``tau`` comes from two histograms (scatter-adds: high 16 bits, then the low 15 bits
     # inside the high bucket of ``tau``); then ``bits > tau`` and the first ``room`` ties are packed
@@ -208,19 +211,22 @@ def _select_radix(scores: jax.Array, k: int) -> jax.Array:
     for half in (16, 8, 4, 2, 1):  # binary search for the lowest bit with n set bits below it
         below = _popcount(chosen & _low_bits(bit + half))
         bit = jnp.where(below <= n, bit + half, bit)
-    return 32 * word + bit
+    selected = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1 == 1
+    return 32 * word + bit, selected.reshape(-1)[: scores.shape[0]]
 
 
-def _select_top_k(scores: jax.Array, k: int) -> jax.Array:
+def _select_top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Same result as :func:`_select_radix`, through ``jax.lax.top_k``."""
     _, indices = jax.lax.top_k(scores, k)
-    return jnp.sort(indices.astype(jnp.int32))
+    indices = jnp.sort(indices.astype(jnp.int32))
+    return indices, jnp.zeros(scores.shape, bool).at[indices].set(True)
 
 
-def _select(scores: jax.Array, k: int, algorithm: str) -> jax.Array:
+def _select(scores: jax.Array, k: int, algorithm: str) -> tuple[jax.Array, jax.Array]:
+    """Ascending indices of the ``k`` largest ``scores``, and the bool mask of those positions."""
     d = scores.shape[0]
     if k == d:  # Everything is kept: no selection needed.
-        return jnp.arange(d, dtype=jnp.int32)
+        return jnp.arange(d, dtype=jnp.int32), jnp.ones((d,), bool)
     if algorithm == "auto":
         algorithm = "radix" if d >= _AUTO_RADIX_MIN_SIZE and 512 * k > d else "top_k"
     if algorithm == "top_k":
@@ -244,10 +250,14 @@ def _random_scores(key: jax.Array, d: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(pattern, jnp.float32)
 
 
-def _gather(x: jax.Array, indices: jax.Array, values: jax.Array) -> tuple[jax.Array, SparseUpdate]:
+def _gather(
+    x: jax.Array, indices: jax.Array, selected: jax.Array, scale=None
+) -> tuple[jax.Array, SparseUpdate]:
+    """``(dense, sparse)`` of the selected entries of ``x`` (times ``scale``, rounded to its dtype)."""
     flat = x.reshape(-1)
-    dense = jnp.zeros_like(flat).at[indices].set(values, unique_indices=True, indices_are_sorted=True)
-    return dense.reshape(x.shape), SparseUpdate(indices, values)
+    kept = flat if scale is None else (flat.astype(jnp.float32) * scale).astype(flat.dtype)
+    dense = jnp.where(selected, kept, jnp.zeros_like(kept))  # one loop, fused into its reader
+    return dense.reshape(x.shape), SparseUpdate(indices, kept[indices])
 
 
 def top_k(x: jax.Array, k: int, *, algorithm: str = "auto") -> tuple[jax.Array, SparseUpdate]:
@@ -279,8 +289,7 @@ def top_k(x: jax.Array, k: int, *, algorithm: str = "auto") -> tuple[jax.Array, 
     k = _check_k(k, x.size, "top_k")
     _check_algorithm(algorithm)
     flat = x.reshape(-1)
-    indices = _select(_magnitudes(flat), k, algorithm)
-    return _gather(x, indices, flat[indices])
+    return _gather(x, *_select(_magnitudes(flat), k, algorithm))
 
 
 def rand_k(
@@ -325,12 +334,7 @@ def rand_k(
     d = x.size
     k = _check_k(k, d, "rand_k")
     _check_algorithm(algorithm)
-    flat = x.reshape(-1)
-    indices = _select(_random_scores(key, d), k, algorithm)
-    values = flat[indices]
-    if scale and k < d:
-        values = (values.astype(jnp.float32) * (d / k)).astype(flat.dtype)
-    return _gather(x, indices, values)
+    return _gather(x, *_select(_random_scores(key, d), k, algorithm), d / k if scale and k < d else None)
 
 
 def to_dense(sparse: SparseUpdate, d: int, dtype=None) -> jax.Array:
