@@ -175,6 +175,14 @@ def _popcount(words: jax.Array) -> jax.Array:
     return jax.lax.population_count(words).astype(jnp.int32)
 
 
+def _nth_set_bit(words: jax.Array, n: jax.Array) -> jax.Array:
+    """Position of the ``n``-th (from 0) set bit of each word; 32 if the word has ``n`` or fewer."""
+    bit = jnp.zeros(n.shape, jnp.int32)
+    for half in (16, 8, 4, 2, 1):  # binary search: the last bit with at most n set bits below it
+        bit = jnp.where(_popcount(words & _low_bits(bit + half)) <= n, bit + half, bit)
+    return jnp.where(n < _popcount(words), bit, 32)
+
+
 def _select_radix(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Ascending indices of the ``k`` largest non-negative float32 ``scores`` (ties: lower index).
 
@@ -182,35 +190,30 @@ def _select_radix(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """
     # For non-negative IEEE floats the int32 bit pattern is monotone in the value. The k-th largest
     # pattern ``tau`` comes from two histograms (scatter-adds: high 16 bits, then the low 15 bits
-    # inside the high bucket of ``tau``); then ``bits > tau`` and the first ``room`` ties are packed
-    # 32 per word, and each selected position goes to output slot = number of selected before it.
+    # inside the high bucket of ``tau``); the selection (``bits > tau`` and the first ``room`` ties)
+    # is packed 32 per word, and output slot j gets the position of the j-th selected bit.
     bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
     high = bits >> 15
     b1, above1 = _top_bucket(jnp.zeros(1 << 16, jnp.int32).at[high].add(1, mode="drop"), k)
     low = jnp.where(high == b1, bits & 0x7FFF, 1 << 15)  # out of range: dropped
-    b2, above2 = _top_bucket(jnp.zeros(1 << 15, jnp.int32).at[low].add(1, mode="drop"), k - above1)
+    hist = jnp.zeros(1 << 15, jnp.int32).at[low].add(1, mode="drop")
+    b2, above2 = _top_bucket(hist, k - above1)
     tau = (b1 << 15) | b2
-    room = k - above1 - above2  # ties at tau to keep, lowest index first (1 <= room <= #ties)
-    ties = _pack(bits == tau)
-    tie_count = _popcount(ties)
-    keep = jnp.clip(room - (jnp.cumsum(tie_count) - tie_count), 0, tie_count)  # ties kept per word
-    # The lowest ``keep`` set bits of each tie word: below the first bit with ``keep`` set bits under it.
-    cut = jnp.full_like(keep, 32)
-    for bit in range(31, -1, -1):  # unrolled into one elementwise loop over the words
-        cut = jnp.where(_popcount(ties & _low_bits(jnp.full_like(keep, bit))) == keep, bit, cut)
-    cut = jnp.where(keep == tie_count, 32, cut)
-    words = _pack(bits > tau) | (ties & _low_bits(cut))
-    # Output slot j holds the n-th selected position of word w, where w is the number of words whose
-    # selections all come before j (a scatter of word ends, summed up) and n what is left of j.
+    room = k - above1 - above2  # ties at tau to keep, lowest index first (1 <= room <= hist[b2])
+
+    def first_ties():  # more ties at tau than room (rare): keep the lowest-index ones
+        ties = _pack(bits == tau)
+        count = _popcount(ties)
+        keep = jnp.clip(room - (jnp.cumsum(count) - count), 0, count)  # ties kept per word
+        return _pack(bits > tau) | (ties & _low_bits(_nth_set_bit(ties, keep)))
+
+    words = jax.lax.cond(room == hist[b2], lambda: _pack(bits >= tau), first_ties)
+    # Slot j: word w = number of words whose selections all come before j (a scatter of the word
+    # ends, summed up), then the bit of w with what is left of j selected bits below it.
     count = _popcount(words)
     ends = jnp.cumsum(count)
     word = jnp.cumsum(jnp.zeros((k,), jnp.int32).at[ends].add(1, mode="drop"))
-    n = jnp.arange(k, dtype=jnp.int32) - (ends[word] - count[word])
-    chosen = words[word]
-    bit = jnp.zeros((k,), jnp.int32)
-    for half in (16, 8, 4, 2, 1):  # binary search for the lowest bit with n set bits below it
-        below = _popcount(chosen & _low_bits(bit + half))
-        bit = jnp.where(below <= n, bit + half, bit)
+    bit = _nth_set_bit(words[word], jnp.arange(k, dtype=jnp.int32) - (ends[word] - count[word]))
     selected = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1 == 1
     return 32 * word + bit, selected.reshape(-1)[: scores.shape[0]]
 
