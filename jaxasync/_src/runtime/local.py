@@ -621,7 +621,7 @@ def run(
             ctrl.store(W.LIMIT, int(steps))
         session.wait_ready(start_timeout)
         killed = set()
-        lost_claims = 0
+        lost_claims = done = 0
         last_activity, last_change, stalled = -1, 0.0, False
 
         def alive_mask():
@@ -653,8 +653,9 @@ def run(
         def wants_stop(rec):
             return bool(callback is not None and callback(dict(rec)))
 
-        ctrl.store(W.START, 1)
+        t0_ns = time.monotonic_ns()  # the workers stamp their finish on the same clock
         t0 = time.perf_counter()
+        ctrl.store(W.START, 1)
         bar.start = time.monotonic()
         session.request_reports(timeout=5.0)
         rec = record(0.0)
@@ -703,6 +704,13 @@ def run(
         except KeyboardInterrupt:
             interrupted = True
         end = time.perf_counter() - t0
+        if not interrupted and steps is not None and done + lost_claims >= steps:
+            # The budget ran out: the run ended when the last worker finished its last step (its
+            # stamp), not when this loop (polling every _POLL seconds) noticed it.
+            stamps = [session.shared.counters.load(i * W.NCOUNT + W.C_FINISH) for i in range(n)]
+            last = max(stamps)
+            if last > 0:
+                end = min(end, max(0.0, (last - t0_ns) * 1e-9))
         session.stop()
         if not interrupted:
             for i in session.check(end, tolerate_crashes=algorithm.crash_tolerant, stopping=True):

@@ -44,7 +44,8 @@ ALIVE0 = 8  # ALIVE0 + node: 1 while the node is alive (the parent clears it whe
     C_STATUS,
     C_REPORTED,
     C_RETRIES,
-) = range(13)
+    C_FINISH,
+) = range(14)
 NCOUNT = 16
 STATUS_READY, STATUS_RUNNING, STATUS_DONE = 1, 2, 3
 
@@ -75,12 +76,16 @@ def thread_env(parent_platform: str | None) -> dict:
     return env
 
 
-def lift_jit(fn, *example_args):
+def lift_jit(fn, *example_args, donate_first: bool = False):
     """``jax.jit(fn)`` with the arrays ``fn`` closes over (data shards, tables) passed as arguments.
 
     A jitted closure embeds its captured arrays in the compiled program as constants, which makes
     compilation slow and memory-hungry for data sets; here they are traced once with
     ``jax.make_jaxpr`` and handed to the compiled function as ordinary inputs.
+
+    With ``donate_first`` the first argument (a node's state) is donated: XLA writes the new state
+    into its buffers instead of allocating fresh ones every call, and the caller must not use the
+    argument again (the worker always replaces its state by the result).
     """
     import jax
 
@@ -89,7 +94,7 @@ def lift_jit(fn, *example_args):
     consts = [jax.numpy.asarray(c) for c in closed.consts]
     jaxpr = closed.jaxpr
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(1,) if donate_first else ())
     def lifted(consts, *args):
         out = jax.core.eval_jaxpr(jaxpr, consts, *jax.tree.leaves(args))
         return jax.tree.unflatten(out_tree, out)
@@ -334,29 +339,37 @@ class Worker:
         state = jax.jit(init_fn)(node_keys[node])
         self.state = state
         i32 = jnp.int32(0)
-        self.step_fn = lift_jit(step_fn, state, i32)
+        # Every handler donates the state it is given (the worker keeps only the newest state), so
+        # XLA updates it in place instead of allocating a new model-sized buffer per event.
+        self.step_fn = lift_jit(step_fn, state, i32, donate_first=True)
         buffers0, registers0 = self._read_views()
-        self.observe_fn = lift_jit(observe_fn, state, buffers0, registers0)
+        self.observe_fn = lift_jit(observe_fn, state, buffers0, registers0, donate_first=True)
         self.receive_fns, self.receive_many_fns = [], []
         zb = np.zeros(BATCH, np.int32)
         for ci, cname in enumerate(self.channel_names):
             payload0 = self.codecs[ci].decode(np.zeros(self.codecs[ci].size, np.uint8))
-            self.receive_fns.append(lift_jit(make_receive(cname), state, i32, i32, payload0))
+            self.receive_fns.append(
+                lift_jit(make_receive(cname), state, i32, i32, payload0, donate_first=True)
+            )
             if self.events is None:  # free mode batches floods of messages
                 payloads0 = self.codecs[ci].decode(
                     np.zeros((BATCH, self.codecs[ci].size), np.uint8), (BATCH,)
                 )
                 self.receive_many_fns.append(
-                    lift_jit(make_receive_many(cname), state, zb, zb, payloads0, i32)
+                    lift_jit(make_receive_many(cname), state, zb, zb, payloads0, i32, donate_first=True)
                 )
+
+        def copy():  # a warm-up call consumes (donates) its state: give it a copy
+            return jax.tree.map(jnp.copy, state)
+
         # Warm up (compile) every handler on the initial state; results are discarded (pure).
-        jax.block_until_ready(self.step_fn(state, i32))
+        jax.block_until_ready(self.step_fn(copy(), i32))
         for ci, fn in enumerate(self.receive_fns):
             payload0 = self.codecs[ci].decode(np.zeros(self.codecs[ci].size, np.uint8))
-            jax.block_until_ready(fn(state, i32, i32, payload0))
+            jax.block_until_ready(fn(copy(), i32, i32, payload0))
         for ci, fn in enumerate(self.receive_many_fns):
             payloads0 = self.codecs[ci].decode(np.zeros((BATCH, self.codecs[ci].size), np.uint8), (BATCH,))
-            jax.block_until_ready(fn(state, zb, zb, payloads0, i32))
+            jax.block_until_ready(fn(copy(), zb, zb, payloads0, i32))
         # The initial observe is real: the simulator observes once after init.
         self.read_version = self.ctrl.load(VERSION)
         state, ready = self.observe_fn(state, buffers0, registers0)
@@ -479,16 +492,23 @@ class Worker:
 
     def do_step(self, counter: int) -> None:
         state, outbox, ops, ready = self.step_fn(self.state, np.int32(counter))
+        self.local_steps += 1
+        if self.pipelined:
+            # Dispatched, not done: the step counter only counts completed steps (see sync).
+            self.state = state
+            if self.local_steps % _SYNC_EVERY == 0 or self.straggler != 1.0:
+                self.sync()
+            return
         if not self.always_ready:
             self.ready = bool(ready)
-        if self.pipelined:
-            self.state = state
-            if (self.local_steps + 1) % _SYNC_EVERY == 0 or self.straggler != 1.0:
-                self.jax.block_until_ready(state)
-        else:
-            self._after_ops_and_state(state, outbox, ops, step=True)
-        self.local_steps += 1
-        self.stats["steps"] += 1
+        self._after_ops_and_state(state, outbox, ops, step=True)
+        self.stats["steps"] = self.local_steps
+
+    def sync(self) -> None:
+        """Waits for the dispatched steps; from then on they count in ``stats["steps"]``."""
+        if self.stats["steps"] != self.local_steps:
+            self.jax.block_until_ready(self.state)
+            self.stats["steps"] = self.local_steps
 
     def do_receive(self, msg) -> None:
         ci = msg.channel
@@ -579,19 +599,28 @@ class Worker:
         while not self.ctrl.load(START):  # the parent starts everybody at once
             if self.ctrl.load(STOP):
                 return
-            time.sleep(1e-3)
+            time.sleep(2e-4)
         self.counters.store(self.row + C_STATUS, STATUS_RUNNING)
         if self.events is None:
             self._free()
         else:
             self._replay()
+        self.sync()
         self.publish_counters()
         self.counters.store(self.row + C_STATUS, STATUS_DONE)
         self.maybe_report()
 
+    def _out_of_steps(self) -> None:
+        """The global step budget is used up: finish our steps and stamp the time (the parent's
+        wall time of a step-limited run ends at the last stamp)."""
+        self.sync()
+        self.publish_counters()
+        self.counters.store(self.row + C_FINISH, time.monotonic_ns())
+
     def _free(self) -> None:
         ctrl, row, counters = self.ctrl, self.row, self.counters
         limit = ctrl.load(LIMIT)
+        messages = bool(self.channel_names)
         busy_until = 0.0
         stepping = True
         idle = _IDLE_MIN
@@ -600,28 +629,32 @@ class Worker:
             did = False
             # One round: the messages that are here now, then (if ready) one step. Bounding the
             # receives per round keeps a node that is flooded by faster neighbours stepping.
-            self._drain()
-            did = self.receive_pending()
+            if messages:
+                self._drain()
+                did = self.receive_pending()
             self.maybe_report()
             if ctrl.load(STOP):
                 return
-            now = time.perf_counter()
-            if stepping and self.ready and now >= busy_until:
+            if stepping and self.ready and (busy_until == 0.0 or time.perf_counter() >= busy_until):
                 counters.store(row + C_BUSY, 1)
                 claim = ctrl.fetch_add(CLAIMED, 1)
                 if limit >= 0 and claim >= limit:
                     counters.store(row + C_BUSY, 0)
                     stepping = False
+                    self._out_of_steps()
                 else:
-                    t0 = time.perf_counter()
-                    self.do_step(self.local_steps)
-                    t1 = time.perf_counter()
+                    if self.straggler != 1.0:
+                        t0 = time.perf_counter()
+                        self.do_step(self.local_steps)
+                        t1 = time.perf_counter()
+                        busy_until = t1 + (self.straggler - 1.0) * (t1 - t0)
+                    else:
+                        self.do_step(self.local_steps)
                     counters.store(row + C_BUSY, 0)
-                    busy_until = t1 + (self.straggler - 1.0) * (t1 - t0)
                     did = True
             if did:
                 rounds += 1
-                self.publish_counters(full=rounds % 8 == 0 or bool(self.channel_names))
+                self.publish_counters(full=messages or rounds % 8 == 0)
                 idle = _IDLE_MIN
             else:
                 self.publish_counters()
