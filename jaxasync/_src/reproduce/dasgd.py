@@ -375,14 +375,17 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
             )
             continue
         checks += _proportion_checks(name, s_arr, extra_arr, eps[-1], "best step of the grid per S")
-        if np.all(extra_arr <= 0):
+        _, fit_r2 = _linear_fit(s_arr, extra_arr)
+        if np.all(extra_arr <= 0) or not fit_r2 >= 0.5:
             notes.append(
-                f"{name}: DASGD needs no more gradients than sequential SGD at any staleness here "
-                "(K* - K*_seq <= 0 up to S_avg "
-                f"{s_arr.max():.0f}), so the linear growth the bound allows is not observed: in this "
-                "noise-dominated regime the noise term dominates, and the metric, taken at the mean of the "
-                "node models, benefits from averaging models that miss different in-flight updates (less "
-                "gradient noise); the paper's bound is an upper bound"
+                f"{name}: K* - K*_seq shows no trend with S_avg (values "
+                + ", ".join(f"{x:g}" for x in extra_arr)
+                + f" up to S_avg {s_arr.max():.0f}, R^2 {fit_r2:.2f}): staleness costs no measurable "
+                "gradients here, so the linear growth the bound allows is not observed. The problem is easy "
+                "(K*_seq is tens to a few hundred gradients), eps sits near the noise floor where first-"
+                "crossing counts are noisy, and the metric, taken at the mean of the node models, benefits "
+                "from averaging models that miss different in-flight updates; the paper's bound is an upper "
+                "bound"
             )
         top = result["points"][int(np.argmax(s_arr))]
         cost = {e: max(top["best"][e][0] - result["seq"][e][0], 0.0) / result["seq"][e][0] for e in eps}

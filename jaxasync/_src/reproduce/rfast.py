@@ -39,7 +39,7 @@ _LOSSES = (0.0, 0.1, 0.3)
 _LOSS_LR = 0.02  # the step of the packet-loss table (the prototype's ring value)
 # Straggler experiment: one step-size grid for every method (each method gets its best step per
 # target from the same grid), a horizon long enough for the small steps to finish descending.
-_GRID = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
+_GRID = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
 _HORIZON = 1200.0
 _ASYNC_STEPS = 9000
 _EPS = (0.05, 0.03, 0.02, 0.01)  # gap levels of the time-to-accuracy table
@@ -222,7 +222,8 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
         f"(f* = {problem.f_star:.3g}, initial gap {gap0:.3g}); compute Exp(1), delay Exp(0.5); "
         f"seeds {seeds}; "
         f"gap = f(mean of the node models) - f*, seed mean at the end of the run",
-        f"packet-loss table: lr {_LOSS_LR} (effective step: divided by n u^T v = 8 on the tree), "
+        f"packet-loss table: lr {_LOSS_LR} (the effective step: rfast divides it by n sum_i u_i c_ii v_i, "
+        "8 on the tree, 1/2 on the directed ring), "
         f"{async_steps} updates, no straggler",
         "conservation error: max over records of max|sum z + sum (rho_hat - rho_tilde) + in-flight - sum g|; "
         "for the non-robust ablation the metric cannot see increments still in flight, so even at p=0 it "
@@ -291,7 +292,7 @@ def _straggler(traces, grid, horizon, rows, checks, notes, curves):
         return min(_GRID, key=lambda h: plateau(label, h, key, T))
 
     ar = "T:allreduce"
-    summary = {}
+    summary, edges = {}, []
     for T in (horizon / 2, horizon):
         at_t = int(np.searchsorted(grid, T))
         for node, where in ((0, "root/node 0"), (_N - 1, "leaf/node 7")):
@@ -299,10 +300,11 @@ def _straggler(traces, grid, horizon, rows, checks, notes, curves):
             ar_lr = lowest(ar, key, T)
             target = plateau(ar, ar_lr, key, T)
             t_ar = first(ar, ar_lr, key, target, T)
-            result = {}
+            result, chosen = {}, []
             for label, method, graphs in _METHODS:
                 t, h = (t_ar, ar_lr) if label == ar else fastest(label, key, target, T)
                 shown = h if h is not None else lowest(label, key, T)
+                chosen.append(shown)
                 tr = traces[label, shown, key]
                 result[label] = t
                 rows.append(
@@ -325,6 +327,11 @@ def _straggler(traces, grid, horizon, rows, checks, notes, curves):
                         curve[label, shown, key],
                     )
             summary[T, node] = (target, t_ar, ar_lr, result)
+            edges += [
+                f"{method} {graphs} (T={T:g}, node {node}, lr {h:g})"
+                for (label, method, graphs), h in zip(_METHODS, chosen)
+                if h in (_GRID[0], _GRID[-1])
+            ]
 
     # Checks at the root straggler (the setting of ALGORITHMS.md 2.11), per R-FAST topology and horizon.
     for T in (horizon / 2, horizon):
@@ -443,16 +450,16 @@ def _straggler(traces, grid, horizon, rows, checks, notes, curves):
         "undirected ring) and, with the straggler, every model value and all tracker mass must pass "
         "through the slow node, which forwards only when it updates; (3) a longer horizon does not help "
         "(exploratory T=2400: no lr reached all-reduce's T=2400 plateau, R-FAST directed ring 2-3x "
-        "slower at every eps), and the best lrs are inside the grid. Not an algorithm bug as far as we "
+        "slower at every eps). Not an algorithm bug as far as we "
         "can tell: the same code on the tree and the undirected ring reaches the T=600 target >= 1.5x "
         "sooner"
     )
     notes.append(
-        "effective step: the descent uses the tracker share a node keeps (c_ii z), not the whole tracker, "
-        "so the same lr moves the network average by ~n sum_i u_i c_ii v_i / (n u^T v) of all-reduce's "
-        "step: 1/2 on the directed ring, 1/3 on the undirected ring, 1 on the tree (a noiseless check "
-        "measured 0.55, 0.36, 1.18); tuning lr per method on one grid absorbs this (see "
-        "/tmp/helper_notes_reproduce.md for the proposed normalisation)"
+        "effective step: the descent uses the tracker share a node keeps (c_ii z), so rfast normalises "
+        "learning_rate by n sum_i u_i c_ii v_i (since commit 6ed5ce8, after this reproduction measured "
+        "that rings ran at 1/2 (directed) and 1/3 (undirected) of the intended step under the earlier "
+        "n u^T v normalisation); every method is tuned on the same grid, so the comparison does not "
+        "depend on the normalisation as long as the best lrs are inside the grid"
     )
     # Gossip without tracking: a slow node takes fewer steps, so its data is under-weighted.
     rf = min(plateau("T:rfast/uring", h, key0) for h in _GRID)
@@ -473,6 +480,10 @@ def _straggler(traces, grid, horizon, rows, checks, notes, curves):
             f"with straggler: R-FAST {rf:.3g}, AD-PSGD {ad:.3g} ({ad / rf:.1f}x); without: R-FAST "
             f"{rf_free:.3g}, AD-PSGD {ad_free:.3g} ({ad_free / rf_free:.2f}x)",
         )
+    )
+    notes.append(
+        "lr at the edge of the grid in the straggler rows (the optimum may lie outside): "
+        + (", ".join(edges) if edges else "none")
     )
     notes.append(
         f"straggler protocol: every run covers simulated time T={horizon:g}; one lr grid for every method "
