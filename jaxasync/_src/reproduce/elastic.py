@@ -306,6 +306,14 @@ def reproduce(quick: bool = False, progress: bool = True) -> Report:
             )
             + "."
         )
+        edges = [
+            f"{label} {density:.0%} (eta {r['eta']:g})"
+            for (label, density), r in tuned.items()
+            if r["eta"] in (STEP_GRID[0], STEP_GRID[-1])
+        ]
+        notes.append(
+            "Best step at the edge of the grid (the optimum may lie outside): " + (", ".join(edges) or "none")
+        )
     notes.append(f"Run time {elapsed:.0f} s.")
     return Report(
         name="elastic",
