@@ -30,11 +30,13 @@ What keeps steps above the target on XLA:CPU (jax 0.10):
 * A donated buffer updated in place while another loop still reads its old value is copied first
   (AD-PSGD's ``x``, R-FAST's ``rho_tilde``): copy insertion without region analysis
   (``--xla_cpu_copy_insertion_use_region_analysis=true`` removes those copies).
-* XLA:CPU's loops move bytes ~1.2-1.8x slower than numpy here (the ``sgd`` row: one loop, exactly
-  its bytes touched).
+* XLA:CPU's loops move bytes slower than numpy's ``a -= b`` here: ~1.2-1.8x for the ``sgd`` row's
+  single loop (exactly its bytes touched), 2-3x for the write-heavy payload loops of DASGD, AD-PSGD
+  and the cluster algorithm (whose XLA MB are within 1.2-1.6x of their bytes touched).
 * ``sparsified_sgd``: exact top-k of 2^20 magnitudes has no bandwidth-speed primitive on XLA:CPU.
-  The radix selection (`compression`) needs two scatter-add histograms (~0.6 ms each) and two
-  packing passes (~0.2 ms each) against a bound of ~0.1 ms; ``lax.top_k`` (~7 ms) and
+  The radix selection (`compression`) needs two scatter-add histograms (~0.5 ms each: a scatter
+  runs one update at a time, and its index and ones arrays are materialized first) and a packing
+  pass, ~2 ms in all against a bound of ~0.1 ms; ``lax.top_k`` (~7 ms) and
   ``jnp.nonzero(mask, size=k)`` (~7 ms) are slower still. The target is out of reach for it.
 
   python bench/kernels.py [--log2d 20] [--repeats 50]
@@ -203,10 +205,10 @@ def main(argv=None):
             )
         )
     widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header))]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 if __name__ == "__main__":
