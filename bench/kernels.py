@@ -39,7 +39,7 @@ What keeps steps above the target on XLA:CPU (jax 0.10):
   pass, ~2 ms in all against a bound of ~0.1 ms; ``lax.top_k`` (~7 ms) and
   ``jnp.nonzero(mask, size=k)`` (~7 ms) are slower still. The target is out of reach for it.
 
-  python bench/kernels.py [--log2d 20] [--repeats 50]
+  python bench/kernels.py [--log2d 20] [--repeats 200]
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def step_cost(program, d: int, repeats: int):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log2d", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args(argv)
     d = 2**args.log2d
     print(f"device: {jax.devices()[0]}  d = 2^{args.log2d}  nodes = {NODES}")
