@@ -10,11 +10,12 @@ work, not a model's. Anchors measured in the same run:
   (``np.subtract(a, b, out=a)``) on arrays of the same total size (a step whose state spills out of
   the cache is compared with numpy spilling out of the cache too).
 
-Every time is the fastest of ``--repeats`` runs, the step's and numpy's alike: the machines are
-shared, and a median there measures the other jobs (XLA splits each loop over both cores and waits
-for the slower half; numpy runs on one). "XLA MB" is what the compiled step's kernels read and
-write (``cost_analysis()["bytes accessed"]``): independent of the load, it shows how far the
-compiled program is from the bytes it must touch.
+Each row runs its step, numpy's update and the optax step in turns, ``--repeats`` times, and keeps
+the fastest run of each: the machines are shared, and a median there measures the other jobs (XLA
+splits each loop over both cores and waits for the slower half; numpy runs on one). "XLA MB" is
+what the compiled step's kernels read and write (``cost_analysis()["bytes accessed"]``, both
+branches of a conditional included): independent of the load, it shows how far the compiled
+program is from the bytes it must touch.
 
 Target (issue "The algorithms"): every step within 2x of its bytes-touched bound. The script runs on
 whatever JAX backend is present and prints the device.
@@ -76,24 +77,27 @@ def _nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _best_time(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` runs: on a shared machine the other runs measure the other jobs."""
-    times = []
+def _best_times(fns, repeats: int) -> list[float]:
+    """Fastest of ``repeats`` runs of each function, run in turns so that all see the same load.
+
+    The fastest, not the median: on a shared machine the slower runs measure the other jobs.
+    """
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
-def numpy_bandwidth(d: int, repeats: int) -> float:
-    """Bytes per second of ``a -= b`` in place (read a, read b, write a)."""
-    a, b = np.ones(d, np.float32), np.full(d, 1e-3, np.float32)
-    t = _best_time(lambda: np.subtract(a, b, out=a), repeats)
-    return 3 * 4 * d / t
+def numpy_update(n: int):
+    """``a -= b`` in place on ``n`` float32 (reads a and b, writes a: ``12 n`` bytes)."""
+    a, b = np.ones(n, np.float32), np.full(n, 1e-3, np.float32)
+    return lambda: np.subtract(a, b, out=a)
 
 
-def optax_step_time(d: int, repeats: int) -> float:
+def optax_step(d: int):
     opt = optax.sgd(0.01)
     params, grad = jnp.ones(d), jnp.full(d, 1e-3)
     state = opt.init(params)
@@ -111,7 +115,7 @@ def optax_step_time(d: int, repeats: int) -> float:
         return holder[0]
 
     run()
-    return _best_time(run, repeats)
+    return run
 
 
 def _views(program, params):
@@ -129,8 +133,8 @@ def _views(program, params):
     return views
 
 
-def step_cost(program, d: int, repeats: int):
-    """(best seconds per step, bytes the step must touch, bytes its compiled kernels access)."""
+def step_cost(program, d: int):
+    """(a function running one step, bytes the step must touch, bytes its compiled kernels access)."""
     params = jnp.zeros((d,), jnp.float32)
     grad = jax.random.normal(jax.random.key(1), (d,), jnp.float32) * 1e-3
     grad_fn = lambda p, batch: batch  # the gradient is given: time the algorithm's own work
@@ -160,7 +164,7 @@ def step_cost(program, d: int, repeats: int):
         return holder[0], out  # block on the new state too: dispatch is asynchronous
 
     run()
-    return _best_time(run, repeats), touched, accessed
+    return run, touched, accessed
 
 
 def main(argv=None):
@@ -170,11 +174,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     d = 2**args.log2d
     print(f"device: {jax.devices()[0]}  d = 2^{args.log2d}  nodes = {NODES}")
-    bandwidth = numpy_bandwidth(d, args.repeats)
-    t_optax = optax_step_time(d, args.repeats)
+    optax_run = optax_step(d)
+    t_numpy, t_optax = _best_times([numpy_update(d), optax_run], args.repeats)
     print(
-        f"anchors: numpy in-place bandwidth {bandwidth / 1e9:.1f} GB/s at d (each step's bound uses numpy "
-        f"at the step's own working-set size); optax.sgd step {t_optax * 1e3:.3f} ms"
+        f"anchors: numpy in-place bandwidth {12 * d / t_numpy / 1e9:.1f} GB/s at d (each step's bound uses "
+        f"numpy at the step's own working-set size); optax.sgd step {t_optax * 1e3:.3f} ms"
     )
     header = (
         "algorithm",
@@ -189,8 +193,10 @@ def main(argv=None):
     rows = []
     for name, options in ALGORITHMS:
         program = registry.build(name, NODES, learning_rate=0.01, **options)
-        t, touched, accessed = step_cost(program, d, args.repeats)
-        bound = touched / numpy_bandwidth(max(touched // 12, 1024), args.repeats)
+        run, touched, accessed = step_cost(program, d)
+        n = max(touched // 12, 1024)  # numpy on a working set of the step's size
+        t, t_numpy, t_optax = _best_times([run, numpy_update(n), optax_run], args.repeats)
+        bound = touched * t_numpy / (12 * n)
         label = name + "".join(f" {k}={v}" for k, v in options.items())
         rows.append(
             (
