@@ -10,12 +10,12 @@ work, not a model's. Anchors measured in the same run:
   (``np.subtract(a, b, out=a)``) on arrays of the same total size (a step whose state spills out of
   the cache is compared with numpy spilling out of the cache too).
 
-Each row runs its step, numpy's update and the optax step in turns, ``--repeats`` times, and keeps
-the fastest run of each: the machines are shared, and a median there measures the other jobs (XLA
-splits each loop over both cores and waits for the slower half; numpy runs on one). "XLA MB" is
-what the compiled step's kernels read and write (``cost_analysis()["bytes accessed"]``, both
-branches of a conditional included): independent of the load, it shows how far the compiled
-program is from the bytes it must touch.
+Each row runs its step, numpy's update and the optax step in turns (blocks of 10 back-to-back
+runs), ``--repeats`` times each, and keeps the fastest run of each: the machines are shared, and a
+median there measures the other jobs (XLA splits each loop over both cores and waits for the slower
+half; numpy runs on one). "XLA MB" is what the compiled step's kernels read and write
+(``cost_analysis()["bytes accessed"]``, both branches of a conditional included): independent of
+the load, it shows how far the compiled program is from the bytes it must touch.
 
 Target (issue "The algorithms"): every step within 2x of its bytes-touched bound. The script runs on
 whatever JAX backend is present and prints the device.
@@ -77,17 +77,20 @@ def _nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _best_times(fns, repeats: int) -> list[float]:
-    """Fastest of ``repeats`` runs of each function, run in turns so that all see the same load.
+def _best_times(fns, repeats: int, block: int = 10) -> list[float]:
+    """Fastest of ``repeats`` runs of each function, in turns of ``block`` runs.
 
-    The fastest, not the median: on a shared machine the slower runs measure the other jobs.
+    The fastest, not the median: on a shared machine the slower runs measure the other jobs. Turns
+    let every function see the same load; blocks keep each one's data in the cache (numpy's bound
+    is its hot-cache bandwidth, as a step run back to back would have it).
     """
     best = [float("inf")] * len(fns)
-    for _ in range(repeats):
+    for _ in range(max(repeats // block, 1)):
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            best[i] = min(best[i], time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                jax.block_until_ready(fn())
+                best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
