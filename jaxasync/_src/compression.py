@@ -33,10 +33,11 @@ Selection algorithms (all exact, same result):
   d/10, 150 ms at d/2).
 * ``"radix"``: the k-th largest IEEE bit pattern of the (non-negative, float32) scores from two
   histograms (high 16 bits, then the low 15 bits within one high bucket), the selection packed 32
-  positions per word, and each output slot's position found in the words. Two scatter-add passes
-  and two packing passes over the data, the rest on ``d / 32`` words or ``k`` slots (CPU,
-  d = 2**20: about 2.5 ms at k = d/100, 4 ms at d/2). XLA:CPU has no faster exact selection or
-  stream compaction primitive: ``jnp.nonzero(mask, size=k)`` alone takes ~7 ms there.
+  positions per word (a second packing pass only when ties at the k-th value exceed what is
+  left), and each output slot's position found in the words. Two scatter-add passes and one
+  packing pass over the data, the rest on ``d / 32`` words or ``k`` slots (CPU, d = 2**20: about
+  2-3 ms at k = d/100 and d/10, 4-7 ms at d/2). XLA:CPU has no faster exact selection or stream
+  compaction primitive: ``jnp.nonzero(mask, size=k)`` alone takes ~7 ms there.
 * ``"auto"`` (default) uses ``"radix"`` when ``d >= 2**14`` and ``512 * k > d``, ``"top_k"``
   otherwise (a small ``k`` is cheaper for ``top_k``, and below ``2**14`` coordinates both take
   well under a millisecond and ``"top_k"`` compiles faster).
