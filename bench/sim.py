@@ -135,7 +135,7 @@ def asgrad_loop(a, b, steps, lr, seed=0):
 
 def _timed_simulate(program, problem, asynchrony, steps, seeds=None):
     """(events, seconds of the first call, seconds of a second, compiled call)."""
-    static = simulator.make_static(program, problem, asynchrony, None)
+    static = simulator.make_static(program, problem, asynchrony, None, unrolled_keys=seeds is not None)
     params = simulator.make_params(asynchrony, simulator.num_nodes(program, problem))
     fn = functools.partial(
         simulator.run, static, params, num_records=1, record_every=steps, max_events_per_record=100 * steps

@@ -115,6 +115,7 @@ class _Static:
     delay_kind: str
     unravels: dict  # per Buffer name: flat -> pytree
     templates: dict  # per Buffer name: the initial pytree
+    key_impl: Any  # None (JAX's threefry) or threefry.KEY_IMPL: the same bits either way
 
 
 def _argmin(x: jax.Array) -> jax.Array:
@@ -452,22 +453,22 @@ def _log_event(static: _Static, carry: _Carry, which, now, crash) -> _Carry:
     return carry._replace(log=log)
 
 
-def root_keys(seed) -> tuple[jax.Array, jax.Array]:
+def root_keys(seed, impl=None) -> tuple[jax.Array, jax.Array]:
     """``(k_init, k_run)`` of a simulation with this seed (an int or a PRNG key).
 
-    An int seed makes keys of :data:`threefry.KEY_IMPL`: JAX's default bits from an unrolled hash,
-    several times cheaper per event on CPU than JAX's rolled one.
+    An int seed makes keys of ``impl``: JAX's default Threefry, or :data:`threefry.KEY_IMPL`, the
+    same bits from an unrolled hash (see :func:`make_static`).
     """
     key = seed
     if not jax.dtypes.issubdtype(jnp.result_type(seed), jax.dtypes.prng_key):
-        key = jax.random.key(seed, impl=threefry.KEY_IMPL)
+        key = jax.random.key(seed, impl=impl)
     k_init, k_run = jax.random.split(key)
     return k_init, k_run
 
 
-def init_keys(seed, n: int) -> tuple[jax.Array, jax.Array]:
+def init_keys(seed, n: int, impl=None) -> tuple[jax.Array, jax.Array]:
     """``(node_keys [n], k_time)``: the key each node's ``init`` gets, and the first-job-times key."""
-    k_init, _ = root_keys(seed)
+    k_init, _ = root_keys(seed, impl)
     k_nodes, k_time = jax.random.split(k_init)
     return jax.random.split(k_nodes, n), k_time
 
@@ -488,7 +489,7 @@ def _event_keys(k_run, event) -> tuple[jax.Array, ...]:
 def _init_carry(static: _Static, params: dict, seed, log_size: int) -> _Carry:
     program, n = static.program, static.n
     nodes = jnp.arange(n, dtype=jnp.int32)
-    node_keys, k_time = init_keys(seed, n)
+    node_keys, k_time = init_keys(seed, n, static.key_impl)
     params0 = static.problem.init_params
     states = jax.vmap(lambda i, k: program.init(i, params0, k))(nodes, node_keys)
     shared = _init_shared(static)
@@ -629,7 +630,7 @@ def run(
     copies every loop-carried buffer (message pools, node states) on every event.
     """
     carry = _init_carry(static, params, seed, log_size)
-    k_run = root_keys(seed)[1]
+    k_run = root_keys(seed, static.key_impl)[1]
     op_templates = _op_templates(
         static, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), carry.states)
     )
@@ -664,6 +665,13 @@ def run(
 
 
 _SEEDS = "seeds"  # the vmap axis of over_seeds
+_UNROLL_EVENTS = 500_000  # events from which unrolled keys repay their compile time (make_static)
+
+
+def _events_estimate(program: program_lib.NodeProgram, steps: int) -> int:
+    """Events of a run of ``steps`` local steps if every step messages every out-neighbour."""
+    fanout = sum(np.asarray(c.graph.out_table).shape[-1] for c in program.channels.values())
+    return steps * (1 + fanout)
 
 
 def num_nodes(program: program_lib.NodeProgram, problem) -> int:
@@ -671,7 +679,17 @@ def num_nodes(program: program_lib.NodeProgram, problem) -> int:
     return problem.num_nodes + program.num_servers
 
 
-def make_static(program: program_lib.NodeProgram, problem, asynchrony, pool_size: int | None) -> _Static:
+def make_static(
+    program: program_lib.NodeProgram, problem, asynchrony, pool_size: int | None, unrolled_keys: bool = False
+) -> _Static:
+    """The host-side constants of a simulation.
+
+    ``unrolled_keys`` draws every random number through :data:`threefry.KEY_IMPL` instead of JAX's
+    default Threefry: the same bits, so the same trace, at a different cost. On CPU JAX hashes with a
+    rolled loop, a few thunks per draw and some fifteen draws per event; the unrolled hash makes
+    events ~15 % cheaper, and seeds under ``vmap`` ~1.5x cheaper, but the compile ~2 s longer
+    (measured at n = 16). So :func:`simulate` unrolls for batched seeds and long runs only.
+    """
     n = num_nodes(program, problem)
     names = tuple(sorted(program.channels))
     out_tables, dst_slots, payload_bytes, payloads = [], [], [], []
@@ -710,6 +728,7 @@ def make_static(program: program_lib.NodeProgram, problem, asynchrony, pool_size
         delay_kind=asynchrony.delay.kind,
         unravels=unravels,
         templates=templates,
+        key_impl=threefry.KEY_IMPL if unrolled_keys else None,
     )
 
 
@@ -822,7 +841,8 @@ def simulate(
 
     asynchrony = asynchrony or asynchrony_lib.Asynchrony()
     n, settings = _settings(algorithm, problem, steps, record_every, max_events)
-    static = make_static(algorithm, problem, asynchrony, pool_size)
+    unrolled = seeds is not None or _events_estimate(algorithm, steps) >= _UNROLL_EVENTS
+    static = make_static(algorithm, problem, asynchrony, pool_size, unrolled_keys=unrolled)
     fn = functools.partial(run, static, make_params(asynchrony, n), **settings)
     if seeds is None:
         _, records = jax.jit(fn)(jnp.int32(seed))
@@ -956,12 +976,12 @@ def sweep(
             raise TypeError(f"sweep: the function returned {type(program).__name__}, not a NodeProgram")
     n, settings = _settings(program, problem, steps, record_every, max_events)
     if algorithm is program:  # built once, outside: only the spec's arrays and the seed are traced
-        static = make_static(program, problem, specs[0], pool_size)
+        static = make_static(program, problem, specs[0], pool_size, unrolled_keys=True)
 
-    def build(h) -> _Static:
+    def build(h) -> _Static:  # a sweep runs long: unrolled keys (see make_static)
         if algorithm is program:
             return static
-        return make_static(algorithm(h), problem, specs[0], pool_size)
+        return make_static(algorithm(h), problem, specs[0], pool_size, unrolled_keys=True)
 
     @jax.jit
     def many(h, params, seeds):
