@@ -516,7 +516,8 @@ class Worker:
         state, outbox, ops, ready = self.receive_fns[ci](
             self.state, np.int32(msg.slot), np.int32(msg.seq), payload
         )
-        self.ready = bool(ready)
+        if not self.always_ready:  # reading it waits for the handler; otherwise it runs async
+            self.ready = bool(ready)
         self._after_ops_and_state(state, outbox, ops, step=False)
         self.stats["delivered"] += 1
 
@@ -532,7 +533,8 @@ class Worker:
         state, outboxes, opss, ready = self.receive_many_fns[ci](
             self.state, slots, seqs, payloads, np.int32(k)
         )
-        self.ready = bool(ready)
+        if not self.always_ready:
+            self.ready = bool(ready)
         outboxes, opss = self.jax.device_get((outboxes, opss))
         self.state = state
         for j in range(k):
