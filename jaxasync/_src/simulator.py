@@ -656,7 +656,8 @@ def run(
 
         def body(carry):
             keys = _event_keys(k_run, carry.counters.events)
-            return _event(static, params, carry, keys, op_templates, enabled=work(carry))
+            enabled = True if axis_name is None else work(carry)  # one seed: cond just said so
+            return _event(static, params, carry, keys, op_templates, enabled=enabled)
 
         carry = jax.lax.while_loop(cond, body, carry)
         return carry, _metrics(static, carry, params)
