@@ -333,7 +333,7 @@ def _event(static: _Static, params: dict, carry: _Carry, keys, op_templates, ena
     heads = jnp.stack([jnp.min(p.time) for p in carry.pools] + [jnp.min(carry.step_time)])
     which = _argmin(heads)
     now = heads[which]
-    idle = jnp.isinf(now) | ~enabled
+    idle = jnp.isinf(now) | ~jnp.asarray(enabled, bool)
     if carry.log is not None:
         carry = _log_event(static, carry, which, now, crash)
     carry = carry._replace(now=jnp.where(idle, carry.now, now))
