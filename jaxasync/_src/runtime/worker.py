@@ -230,6 +230,7 @@ class Worker:
         self.read_version = 0
         self.reported = -1
         self.local_steps = 0
+        self.inflight = collections.deque()  # `ready` outputs of dispatched, unconfirmed steps
 
         # Shared-object layout (as the simulator unravels them).
         self.buffer_names = [k for k, s in program.shared.items() if isinstance(s, program_lib.Buffer)]
@@ -494,10 +495,18 @@ class Worker:
         state, outbox, ops, ready = self.step_fn(self.state, np.int32(counter))
         self.local_steps += 1
         if self.pipelined:
-            # Dispatched, not done: the step counter only counts completed steps (see sync).
+            # Dispatched, not done: the step counter only counts completed steps. The queue of
+            # dispatched steps is bounded by waiting for the step _SYNC_EVERY steps back (its
+            # `ready` output, which is not donated), never for the newest one: the queue never
+            # drains, so a late wake-up of this thread does not leave the compute thread idle.
             self.state = state
-            if self.local_steps % _SYNC_EVERY == 0 or self.straggler != 1.0:
+            if self.straggler != 1.0:
                 self.sync()
+                return
+            self.inflight.append(ready)
+            if len(self.inflight) > _SYNC_EVERY:
+                self.inflight.popleft().block_until_ready()
+                self.stats["steps"] = self.local_steps - len(self.inflight)
             return
         if not self.always_ready:
             self.ready = bool(ready)
@@ -508,6 +517,7 @@ class Worker:
         """Waits for the dispatched steps; from then on they count in ``stats["steps"]``."""
         if self.stats["steps"] != self.local_steps:
             self.jax.block_until_ready(self.state)
+            self.inflight.clear()
             self.stats["steps"] = self.local_steps
 
     def do_receive(self, msg) -> None:
