@@ -221,6 +221,22 @@ def test_gossip_converges_counts_messages_and_injects_loss():
     assert np.all(tr["alive"] == 3)
 
 
+def test_pipelined_steps_are_exact_and_end_in_the_plain_loops_parameters():
+    """A program without messages or shared objects is dispatched ahead (pipelined); the counts are
+    of completed steps, and the donated states end where a plain loop with the same keys ends."""
+    sgd = _algorithm("sequential", "sgd")
+    problem, lr, steps, seed = _problem(1), 0.05, 1001, 3  # 1001: not a multiple of the sync window
+    tr = local.run(sgd(learning_rate=lr), problem, workers=1, steps=steps, seed=seed, record_every=60.0)
+    assert tr["steps"][-1] == steps and tr["node_steps"][-1].tolist() == [steps]
+    assert tr["time"][-1] == np.float32(tr.meta["wall_time"])
+    x = problem.init_params
+    base = jax.random.fold_in(jax.random.key(seed), 0)
+    for k in range(steps):  # the runtime's keys: fold_in(fold_in(key(seed), node), k), split
+        k_batch, _ = jax.random.split(jax.random.fold_in(base, k))
+        x = x - lr * problem.grad_fn(x, problem.sample(k_batch, 0))
+    np.testing.assert_allclose(tr["loss"][-1], problem.loss(x), rtol=1e-5)
+
+
 def test_hogwild_survives_a_sigkilled_worker():
     hogwild = _algorithm("shared_memory", "hogwild")
     asyn = ja.Asynchrony(crashes={2: 0.3})
