@@ -745,6 +745,18 @@ def make_params(asynchrony: asynchrony_lib.Asynchrony, n: int) -> dict:
     )
 
 
+def jit(fn):
+    """``jax.jit`` for an event loop: on CPU, with XLA's region-based copy insertion.
+
+    XLA:CPU's default copy insertion copies every loop-carried buffer that an event both reads and
+    updates in place (node states, message pools): an event then costs ~2.5x more (measured with
+    R-FAST at n = 16, d = 100). Region analysis proves most of those copies unneeded. Results are
+    the same bits.
+    """
+    options = {"xla_cpu_copy_insertion_use_region_analysis": True} if jax.default_backend() == "cpu" else None
+    return jax.jit(fn, compiler_options=options)
+
+
 def over_seeds(fn):
     """``fn(seed)`` (a partial of :func:`run`) over an array of seeds, vectorized with ``vmap``."""
     return jax.vmap(functools.partial(fn, axis_name=_SEEDS), axis_name=_SEEDS)
@@ -846,9 +858,9 @@ def simulate(
     static = make_static(algorithm, problem, asynchrony, pool_size, unrolled_keys=unrolled)
     fn = functools.partial(run, static, make_params(asynchrony, n), **settings)
     if seeds is None:
-        _, records = jax.jit(fn)(jnp.int32(seed))
+        _, records = jit(fn)(jnp.int32(seed))
     else:
-        _, records = jax.jit(over_seeds(fn))(jnp.asarray(seeds, jnp.int32))
+        _, records = jit(over_seeds(fn))(jnp.asarray(seeds, jnp.int32))
     records = jax.device_get(records)
     _check_overflow(records, algorithm.name, "warn", stacklevel=2)
     seed = seed if seeds is None else list(map(int, seeds))
@@ -984,7 +996,7 @@ def sweep(
             return static
         return make_static(algorithm(h), problem, specs[0], pool_size, unrolled_keys=True)
 
-    @jax.jit
+    @jit
     def many(h, params, seeds):
         def one(seed, axis_name=None):
             carry, records = run(build(h), params, seed, axis_name=axis_name, **settings)
@@ -1063,7 +1075,7 @@ def record(
         }
         return carry.log, carry.counters.events, jax.vmap(algorithm.params)(carry.states), views
 
-    log, count, node_params, shared = jax.device_get(jax.jit(fn)(jnp.int32(seed)))
+    log, count, node_params, shared = jax.device_get(jit(fn)(jnp.int32(seed)))
     count = int(count)
     events = EventLog(*(np.asarray(a)[:count] for a in log))
     return Replay(events, node_params, shared, seed)
