@@ -136,6 +136,20 @@ def test_codec_roundtrip_is_exact_for_every_dtype():
     assert codec.decode(two, (2,))["f"].shape == (2, 2, 3)
 
 
+def test_each_worker_is_sent_only_its_shard_and_draws_the_same_batches():
+    rng = np.random.default_rng(0)
+    shards = [{"a": rng.normal(size=(m, 3)).astype(np.float32)} for m in (5, 9, 7)]
+    problem = ja.Problem(lambda x, d: jnp.mean(d["a"] @ x), jnp.zeros(3), shards, batch_size=4)
+    key = jax.random.key(1)
+    for node in range(4):  # node 3: a data-less server gets the last shard, like a clipped node id
+        mine = local._shard_problem(problem, node)
+        i = min(node, 2)
+        assert mine.num_nodes == 1 and mine.sizes.tolist() == [problem.sizes[i]]
+        for k in range(5):
+            kk = jax.random.fold_in(key, k)
+            np.testing.assert_array_equal(mine.sample(kk, 0)["a"], problem.sample(kk, i)["a"])
+
+
 def test_shm_transport_delivers_in_order_and_reports_full():
     ring = ja.topology.ring(3)
     t = transport_lib.ShmTransport.create([ring], [8], capacity=2)

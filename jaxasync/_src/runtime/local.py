@@ -5,7 +5,8 @@ process per node (``multiprocessing`` "spawn" context, one XLA / BLAS thread eac
 program's shared objects (:class:`~jaxasync._src.program.Buffer` -> ``ParamBuffer``,
 :class:`~jaxasync._src.program.Registers` -> one ``Register`` per owner and slot) and one mailbox per
 directed edge of every channel in POSIX shared memory, supervises the workers, samples metrics and
-returns the simulator's :class:`~jaxasync._src.trace.Trace` with wall-clock time.
+returns the simulator's :class:`~jaxasync._src.trace.Trace` with wall-clock time. Each worker is
+sent only its own data shard.
 :func:`replay` drives the same processes through an event log recorded by
 :func:`jaxasync._src.simulator.record` and returns the final parameters, which match the
 simulator's: one algorithm definition, two executors.
@@ -65,6 +66,7 @@ from jaxasync._src.runtime import worker as worker_lib
 
 _MODES = ("atomic", "relaxed", "racy")
 _POLL = 5e-3  # seconds between two supervision rounds of the parent (crash times: +- this)
+_POLL_IDLE = 2e-2  # ... when no crash, record or time limit is due sooner (the parent shares the cores)
 
 
 class WorkerError(RuntimeError):
@@ -218,6 +220,22 @@ def _create_shared(layout: _Layout, transport_cls, capacity) -> worker_lib.Share
         ctrl.store(worker_lib.ALIVE0 + i, 1)
     ctrl.store(worker_lib.LIMIT, -1)
     return worker_lib.Shared(ctrl, counters, reports, buffers, registers, transport)
+
+
+def _shard_problem(problem, node: int):
+    """The problem as worker ``node`` needs it: its own data shard only (servers get the last one,
+    as the simulator clips their node id). Samples are the same: the shard's size and rows are.
+
+    Only a plain :class:`jaxasync.Problem` is cut; anything else is shipped whole.
+    """
+    from jaxasync._src import problem as problem_lib
+
+    if type(problem) is not problem_lib.Problem or problem.num_nodes == 1:
+        return problem
+    i = min(node, problem.num_nodes - 1)
+    return problem_lib.Problem(
+        problem.loss_fn, problem.init_params, [problem.shards[i]], problem.batch_size, name=problem.name
+    )
 
 
 _MISSING = object()
@@ -448,7 +466,7 @@ class _Session:
             jobs = [
                 dict(
                     program=algorithm,
-                    problem=problem,
+                    problem=_shard_problem(problem, i),  # each worker gets only its own data
                     node=i,
                     n=n,
                     seed=seed,
@@ -700,7 +718,12 @@ def run(
                     done if steps is not None else round(now, 1),
                     note=f"loss={float(rec['loss']):.3g} alive={n - len(session.procs.dead)}",
                 )
-                time.sleep(_POLL)
+                # Sleep until the next thing that is due (a step-limited run's end is stamped by
+                # the workers, so it needs no fast polling).
+                due = [next_record - now] + [t - now for i, t in crashes.items() if i not in killed]
+                if time_limit is not None:
+                    due.append(time_limit - now)
+                time.sleep(min(max(min(due), _POLL), _POLL_IDLE))
         except KeyboardInterrupt:
             interrupted = True
         end = time.perf_counter() - t0
