@@ -666,13 +666,6 @@ def run(
 
 
 _SEEDS = "seeds"  # the vmap axis of over_seeds
-_UNROLL_EVENTS = 500_000  # events from which unrolled keys repay their compile time (make_static)
-
-
-def _events_estimate(program: program_lib.NodeProgram, steps: int) -> int:
-    """Events of a run of ``steps`` local steps if every step messages every out-neighbour."""
-    fanout = sum(np.asarray(c.graph.out_table).shape[-1] for c in program.channels.values())
-    return steps * (1 + fanout)
 
 
 def num_nodes(program: program_lib.NodeProgram, problem) -> int:
@@ -687,9 +680,10 @@ def make_static(
 
     ``unrolled_keys`` draws every random number through :data:`threefry.KEY_IMPL` instead of JAX's
     default Threefry: the same bits, so the same trace, at a different cost. On CPU JAX hashes with a
-    rolled loop, a few thunks per draw and some fifteen draws per event; the unrolled hash makes
-    events ~15 % cheaper, and seeds under ``vmap`` ~1.5x cheaper, but the compile ~2 s longer
-    (measured at n = 16). So :func:`simulate` unrolls for batched seeds and long runs only.
+    rolled loop, some fifteen times per event. Under ``vmap`` each rolled loop is expensive and the
+    unrolled hash makes seeds ~1.5x cheaper; for one seed the rolled loop is cheaper (and compiles
+    ~2 s faster; measured with R-FAST at n = 16). So batched seeds (``simulate(seeds=...)``,
+    :func:`sweep`) unroll, single runs do not.
     """
     n = num_nodes(program, problem)
     names = tuple(sorted(program.channels))
@@ -854,8 +848,7 @@ def simulate(
 
     asynchrony = asynchrony or asynchrony_lib.Asynchrony()
     n, settings = _settings(algorithm, problem, steps, record_every, max_events)
-    unrolled = seeds is not None or _events_estimate(algorithm, steps) >= _UNROLL_EVENTS
-    static = make_static(algorithm, problem, asynchrony, pool_size, unrolled_keys=unrolled)
+    static = make_static(algorithm, problem, asynchrony, pool_size, unrolled_keys=seeds is not None)
     fn = functools.partial(run, static, make_params(asynchrony, n), **settings)
     if seeds is None:
         _, records = jit(fn)(jnp.int32(seed))
@@ -991,7 +984,7 @@ def sweep(
     if algorithm is program:  # built once, outside: only the spec's arrays and the seed are traced
         static = make_static(program, problem, specs[0], pool_size, unrolled_keys=True)
 
-    def build(h) -> _Static:  # a sweep runs long: unrolled keys (see make_static)
+    def build(h) -> _Static:  # seeds under vmap: unrolled keys (see make_static)
         if algorithm is program:
             return static
         return make_static(algorithm(h), problem, specs[0], pool_size, unrolled_keys=True)
