@@ -1,8 +1,9 @@
 """Local-step kernels: each algorithm's jitted ``step`` at d = 2^20 against its memory-traffic bound.
 
-For every algorithm we time one node's jitted local step (state buffers donated) with a "gradient"
-given as the batch (``grad_fn = lambda params, batch: batch``), so the figure is the algorithm's own
-work, not a model's. Anchors measured in the same run:
+For every algorithm we time one node's jitted local step (state buffers donated; compiled as the
+executors compile it, ``jaxasync._src.xla.jit``) with a "gradient" given as the batch
+(``grad_fn = lambda params, batch: batch``), so the figure is the algorithm's own work, not a
+model's. Anchors measured in the same run:
 
 * a jitted ``optax.sgd`` step on the same d (params donated);
 * the bytes the step must touch (state leaves read, leaves it changes written, the gradient read,
@@ -29,8 +30,8 @@ What keeps steps above the target on XLA:CPU (jax 0.10):
 * Message payloads are materialized per out-slot (the ``Outbox`` contract: one payload per slot),
   so a value broadcast to m neighbours is m fresh copies, counted in the bound as bytes written.
 * A donated buffer updated in place while another loop still reads its old value is copied first
-  (AD-PSGD's ``x``, R-FAST's ``rho_tilde``): copy insertion without region analysis
-  (``--xla_cpu_copy_insertion_use_region_analysis=true`` removes those copies).
+  by XLA:CPU's default copy insertion (AD-PSGD's ``x``, R-FAST's ``rho_tilde``); the executors
+  compile with region analysis (``xla.jit``), which removes those copies.
 * XLA:CPU's loops move bytes slower than numpy's ``a -= b`` here: ~1.2-1.8x for the ``sgd`` row's
   single loop (exactly its bytes touched), 2-3x for the write-heavy payload loops of DASGD, AD-PSGD
   and the cluster algorithm (whose XLA MB are within 1.2-1.6x of their bytes touched).
@@ -54,6 +55,7 @@ import numpy as np
 import optax
 
 from jaxasync._src import program as program_lib
+from jaxasync._src import xla
 from jaxasync._src.algorithms import registry
 
 NODES = 4
@@ -110,7 +112,7 @@ def optax_step(d: int):
         updates, state = opt.update(grad, state, params)
         return optax.apply_updates(params, updates), state
 
-    step = jax.jit(step, donate_argnums=(0, 1))
+    step = xla.jit(step, donate_argnums=(0, 1))
     holder = [params, state]
 
     def run():
@@ -156,7 +158,7 @@ def step_cost(program, d: int):
     )
     touched = _nbytes(state) + _nbytes(grad) + changed + _nbytes(emit)
 
-    donated = jax.jit(step, donate_argnums=0)
+    donated = xla.jit(step, donate_argnums=0)  # as the executors compile it
     cost = donated.lower(new_state, grad, jax.random.key(3)).compile().cost_analysis()
     accessed = (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
     holder = [new_state]

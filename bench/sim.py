@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxasync as ja
-from jaxasync._src import simulator
+from jaxasync._src import simulator, xla
 
 N, D, ROWS, BATCH = 16, 100, 64, 8
 
@@ -140,7 +140,7 @@ def _timed_simulate(program, problem, asynchrony, steps, seeds=None):
     fn = functools.partial(
         simulator.run, static, params, num_records=1, record_every=steps, max_events_per_record=100 * steps
     )
-    fn = simulator.jit(fn if seeds is None else simulator.over_seeds(fn))
+    fn = xla.jit(fn if seeds is None else simulator.over_seeds(fn))
     arg = jnp.int32(0) if seeds is None else jnp.arange(seeds, dtype=jnp.int32)
     start = time.perf_counter()
     out = jax.block_until_ready(fn(arg))

@@ -32,6 +32,7 @@ import numpy as np
 from jaxasync._src import asynchrony as asynchrony_lib
 from jaxasync._src import program as program_lib
 from jaxasync._src import threefry
+from jaxasync._src.xla import jit
 
 PyTree = Any
 
@@ -737,18 +738,6 @@ def make_params(asynchrony: asynchrony_lib.Asynchrony, n: int) -> dict:
         crash_times=jnp.asarray(asynchrony.crash_times(n)),
         loss=jnp.float32(asynchrony.loss),
     )
-
-
-def jit(fn):
-    """``jax.jit`` for an event loop: on CPU, with XLA's region-based copy insertion.
-
-    XLA:CPU's default copy insertion copies every loop-carried buffer that an event both reads and
-    updates in place (node states, message pools): an event then costs ~2.5x more (measured with
-    R-FAST at n = 16, d = 100). Region analysis proves most of those copies unneeded. Results are
-    the same bits.
-    """
-    options = {"xla_cpu_copy_insertion_use_region_analysis": True} if jax.default_backend() == "cpu" else None
-    return jax.jit(fn, compiler_options=options)
 
 
 def over_seeds(fn):
