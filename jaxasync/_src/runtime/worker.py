@@ -85,16 +85,19 @@ def lift_jit(fn, *example_args, donate_first: bool = False):
 
     With ``donate_first`` the first argument (a node's state) is donated: XLA writes the new state
     into its buffers instead of allocating fresh ones every call, and the caller must not use the
-    argument again (the worker always replaces its state by the result).
+    argument again (the worker always replaces its state by the result). Compiled like the
+    simulator's handlers (:func:`jaxasync._src.xla.jit`).
     """
     import jax
+
+    from jaxasync._src import xla as xla_lib
 
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example_args)
     out_tree = jax.tree.structure(out_shape)
     consts = [jax.numpy.asarray(c) for c in closed.consts]
     jaxpr = closed.jaxpr
 
-    @functools.partial(jax.jit, donate_argnums=(1,) if donate_first else ())
+    @functools.partial(xla_lib.jit, donate_argnums=(1,) if donate_first else ())
     def lifted(consts, *args):
         out = jax.core.eval_jaxpr(jaxpr, consts, *jax.tree.leaves(args))
         return jax.tree.unflatten(out_tree, out)
