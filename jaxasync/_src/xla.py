@@ -10,7 +10,7 @@ def jit(fn, **kwargs):
 
     XLA:CPU's default copy insertion copies a buffer that is updated in place while another loop
     still reads its old value: every loop-carried node state and message pool of the simulator's
-    event loop, on every event (R-FAST at n = 16: events ~2.5x slower), and donated state leaves of
+    event loop, on every event (R-FAST at n = 16: 2.5x the CPU time per event), and donated state leaves of
     a node's step. Region analysis proves most of those copies unneeded. The results are the same
     bits.
     """
