@@ -700,9 +700,9 @@ def make_static(
                 for t in jax.tree.leaves(payloads[-1])
             )
         )
-    if pool_size is None:
-        max_out = max([t.shape[1] for t in out_tables] or [1])
-        pool_size = max(64, 8 * n * max_out)
+    if pool_size is None:  # room for 8 messages per edge of the busiest channel
+        edges = max([int(np.sum(t >= 0)) for t in out_tables] or [1])
+        pool_size = max(64, 8 * edges)
     unravels, templates = {}, {}
     for name, spec in program.shared.items():
         if isinstance(spec, program_lib.Buffer):
@@ -821,7 +821,8 @@ def simulate(
       seeds: several seeds in one compiled call, vectorized with ``vmap``; the trace's arrays get a
         leading seed axis (each seed's trace equals its own run up to float rounding).
       record_every: local steps between two metric records (default ``steps // 100``).
-      pool_size: in-flight messages a channel can hold (default ``max(64, 8 n max_out_degree)``);
+      pool_size: in-flight messages a channel can hold (default ``max(64, 8 E)``, ``E`` the edges of
+        the channel with most edges);
         messages beyond it are dropped and counted as ``overflow``.
       max_events: a bound on the events between two records (default ``1000 * record_every``),
         so a program that never stops talking cannot hang the simulation.
