@@ -52,6 +52,8 @@ def test_event_staleness_matches_the_trace():
     spec = jaxasync.Asynchrony(delay=jaxasync.exponential(2.0))
     prog = dasgd_lib.dasgd(num_nodes=4, learning_rate=0.01)
     s = dasgd_repro.event_staleness(prog, problem, [spec], [0, 1], 200, pool_size=256)
-    trace = jaxasync.simulate(prog, problem, spec, steps=200, seeds=[0, 1], pool_size=256)
+    trace = jaxasync.simulate(
+        prog, problem, spec, steps=200, seeds=[0, 1], pool_size=256, executor="events"
+    )
     np.testing.assert_allclose(s[0].mean(axis=1), trace.final("staleness_mean"), rtol=0, atol=1e-4)
     assert s.min() >= 0 and s[0].max(axis=1).min() > s[0].mean(axis=1).max()

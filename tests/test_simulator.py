@@ -226,6 +226,6 @@ def test_sweep_checks_its_arguments():
         ja.sweep(_gossip(RING), problem, [None], steps=10, seeds=[[0], [1]])
     # A pool of one message per channel overflows: a warning by default, an error on request.
     with pytest.warns(UserWarning, match="in-flight pool"):
-        ja.sweep(_gossip(RING), problem, [None], steps=20, pool_size=1)
+        ja.sweep(_gossip(RING), problem, [None], steps=20, pool_size=1, executor="events")
     with pytest.raises(RuntimeError, match="in-flight pool"):
-        ja.sweep(_gossip(RING), problem, [None], steps=20, pool_size=1, overflow="raise")
+        ja.sweep(_gossip(RING), problem, [None], steps=20, pool_size=1, overflow="raise", executor="events")

@@ -573,7 +573,8 @@ def model(static: _Static, carry: _Carry, alive) -> PyTree:
     )
 
 
-def _metrics(static: _Static, carry: _Carry, params: dict) -> dict:
+def _metrics(static: _Static, carry, params: dict, in_flight: jax.Array) -> dict:
+    """The metrics of a record (``carry`` needs ``now``, ``states``, ``shared`` and ``counters``)."""
     problem = static.problem
     alive = carry.now < params["crash_times"]
     x = model(static, carry, alive)
@@ -589,7 +590,7 @@ def _metrics(static: _Static, carry: _Carry, params: dict) -> dict:
         events=c.events,
         steps=jnp.sum(c.steps),
         node_steps=c.steps,
-        in_flight=sum(jnp.sum(jnp.isfinite(p.time)) for p in carry.pools) + jnp.int32(0),
+        in_flight=in_flight,
         loss=loss,
         grad_norm=problem.grad_norm(x),
         consensus=consensus,
@@ -661,7 +662,8 @@ def run(
             return _event(static, params, carry, keys, op_templates, enabled=enabled)
 
         carry = jax.lax.while_loop(cond, body, carry)
-        return carry, _metrics(static, carry, params)
+        in_flight = sum(jnp.sum(jnp.isfinite(p.time)) for p in carry.pools) + jnp.int32(0)
+        return carry, _metrics(static, carry, params, in_flight)
 
     return jax.lax.scan(chunk, carry, jnp.arange(num_records + 1))
 
@@ -806,6 +808,7 @@ def simulate(
     record_every: int | None = None,
     pool_size: int | None = None,
     max_events: int | None = None,
+    executor: str = "auto",
 ):
     """Simulates ``algorithm`` on ``problem`` under ``asynchrony`` and returns a :class:`Trace`.
 
@@ -826,6 +829,11 @@ def simulate(
         messages beyond it are dropped and counted as ``overflow``.
       max_events: a bound on the events between two records (default ``1000 * record_every``),
         so a program that never stops talking cannot hang the simulation.
+      executor: ``"events"`` (one event at a time, any program), ``"schedule"`` (the schedule drawn
+        up front and applied to many nodes at once, see :mod:`jaxasync._src.scheduled`; only for
+        oblivious programs such as R-FAST, DASGD and SGP; ``pool_size`` and ``max_events`` do not
+        apply) or ``"auto"`` (``"schedule"`` where it applies). The two executors draw their random
+        numbers differently: same seed, same trace within an executor, not across them.
 
     Returns:
       A :class:`Trace` with ``time, events, steps, node_steps`` (per node), ``loss, grad_norm, gap,
@@ -834,21 +842,53 @@ def simulate(
       ``sent == lost + delivered + dropped + overflow + in_flight``. Same seed, same trace, bit for
       bit.
     """
+    from jaxasync._src import scheduled
     from jaxasync._src import trace as trace_lib
 
     asynchrony = asynchrony or asynchrony_lib.Asynchrony()
     n, settings = _settings(algorithm, problem, steps, record_every, max_events)
-    static = make_static(algorithm, problem, asynchrony, pool_size, unrolled_keys=seeds is not None)
-    fn = functools.partial(run, static, make_params(asynchrony, n), **settings)
-    if seeds is None:
-        _, records = jit(fn)(jnp.int32(seed))
+    kind = _executor(executor, algorithm, problem, asynchrony)
+    static = make_static(
+        algorithm, problem, asynchrony, pool_size, unrolled_keys=seeds is not None or kind == "schedule"
+    )
+    params = make_params(asynchrony, n)
+    if kind == "schedule":
+        records = scheduled.records(
+            static,
+            params,
+            seed if seeds is None else seeds,
+            steps=steps,
+            record_every=settings["record_every"],
+            asynchrony=asynchrony,
+        )
     else:
-        _, records = jit(over_seeds(fn))(jnp.asarray(seeds, jnp.int32))
-    records = jax.device_get(records)
-    _check_overflow(records, algorithm.name, "warn", stacklevel=2)
+        fn = functools.partial(run, static, params, **settings)
+        if seeds is None:
+            _, records = jit(fn)(jnp.int32(seed))
+        else:
+            _, records = jit(over_seeds(fn))(jnp.asarray(seeds, jnp.int32))
+        records = jax.device_get(records)
+        _check_overflow(records, algorithm.name, "warn", stacklevel=2)
     seed = seed if seeds is None else list(map(int, seeds))
     meta = _meta(algorithm, problem, n, steps, settings["record_every"], asynchrony, seed)
+    meta["simulator"] = kind
     return trace_lib.Trace(records, meta)
+
+
+def _executor(executor: str, program, problem, asynchrony) -> str:
+    """``"events"`` or ``"schedule"``: the executor ``executor`` names, or the one that fits best."""
+    from jaxasync._src import scheduled
+
+    if executor not in ("auto", "events", "schedule"):
+        raise ValueError(f"executor must be 'auto', 'events' or 'schedule', got {executor!r}")
+    if executor == "events":
+        return executor
+    why = scheduled.why_not_oblivious(program, make_static(program, problem, asynchrony, 1))
+    if why is None:
+        return "schedule"
+    if executor == "schedule":
+        raise ValueError(f"{program.name} cannot run on the schedule-first executor: {why}")
+    return "events"
 
 
 def _seed_lists(seeds, num_runs: int) -> list[list[int]]:
@@ -880,6 +920,7 @@ def sweep(
     return_states: bool = False,
     overflow: str = "warn",
     on_run: Callable[[], None] | None = None,
+    executor: str = "auto",
 ):
     """Simulates one program under many asynchrony specs (and step sizes) with one XLA compile.
 
@@ -924,6 +965,7 @@ def sweep(
       overflow: what a run whose messages did not fit in the in-flight pool does: ``"warn"``
         (like :func:`simulate`), ``"raise"`` (RuntimeError) or ``"ignore"``.
       on_run: called with no argument after every simulation (progress reporting).
+      executor: ``"auto"``, ``"events"`` or ``"schedule"``, as for :func:`simulate`.
 
     Returns:
       One :class:`Trace` per run, in order, whose metrics have a leading seed axis (``[seeds,
@@ -971,6 +1013,7 @@ def sweep(
         if not isinstance(program, program_lib.NodeProgram):
             raise TypeError(f"sweep: the function returned {type(program).__name__}, not a NodeProgram")
     n, settings = _settings(program, problem, steps, record_every, max_events)
+    kind = _executor(executor, program, problem, specs[0])
     if algorithm is program:  # built once, outside: only the spec's arrays and the seed are traced
         static = make_static(program, problem, specs[0], pool_size, unrolled_keys=True)
 
@@ -987,6 +1030,9 @@ def sweep(
 
         return over_seeds(one)(seeds)
 
+    if kind == "schedule":
+        many = _sweep_scheduled(build, program, problem, specs, n, settings, return_states)
+
     out = []
     for h, spec, run_seeds in zip(step_sizes, specs, seed_lists):
         params = make_params(spec, n)
@@ -996,11 +1042,59 @@ def sweep(
             on_run()
         _check_overflow(records, program.name, overflow, stacklevel=2)
         meta = _meta(program, problem, n, steps, settings["record_every"], spec, list(run_seeds))
+        meta["simulator"] = kind
         if h is not None:
             meta["step_size"] = h
         trace = trace_lib.Trace(records, meta)
         out.append((trace, states) if return_states else trace)
     return out
+
+
+def _sweep_scheduled(build, program, problem, specs, n: int, settings: dict, return_states: bool):
+    """``sweep``'s compiled run for the schedule-first executor: ``(h, params, seeds) -> (states, records)``.
+
+    Every run draws its schedule with the same sizes (the largest any spec needs), so the two phases
+    compile once, or again only when a run needs a deeper message ring.
+    """
+    from jaxasync._src import scheduled
+
+    record_every = settings["record_every"]
+    total = settings["num_records"] * record_every
+    plans = [scheduled.plan(spec, n, total, record_every, None) for spec in specs]
+    K = max(p[0] for p in plans)
+    _, barrier_steps, per_record = plans[0]
+    static = make_static(program, problem, specs[0], None, unrolled_keys=True)
+
+    @functools.lru_cache(maxsize=8)
+    def apply(depth: int):
+        @jit
+        def fn(h, params, seeds, sched):
+            def one(seed, sched, axis_name=None):
+                carry, records = scheduled.run(
+                    build(h),
+                    params,
+                    seed,
+                    sched,
+                    depth,
+                    settings["num_records"],
+                    per_record,
+                    axis_name=axis_name,
+                )
+                return (carry.states if return_states else None), records
+
+            return scheduled.over_seeds(one)(seeds, sched)
+
+        return fn
+
+    depth = 16  # rings at least this deep, and never shallower than an earlier run's: few compiles
+
+    def many(h, params, seeds):
+        nonlocal K, depth
+        sched, K = scheduled.draw(static, params, seeds, K=K, barrier_steps=barrier_steps, total_steps=total)
+        depth = max(depth, scheduled.ring_depth(sched))
+        return apply(depth)(h, params, seeds, sched)
+
+    return many
 
 
 class Replay(NamedTuple):

@@ -1,0 +1,530 @@
+"""The schedule-first simulator: oblivious programs run as a dataflow of node events, many nodes at once.
+
+When a program's timing cannot depend on its iterates, the whole event schedule can be drawn before any
+handler runs, and events of different nodes can then be applied side by side. A program is *oblivious*
+when every node is always ready (no idle workers, no servers), no receive handler sends, and no node
+touches a shared object: R-FAST, DASGD, SGP and plain SGD are; AsGrad (the server picks who works
+next), Hogwild (one shared buffer) and the cluster algorithm are not and run on the event-by-event
+executor of :mod:`simulator`.
+
+Phase 1 (:func:`draw_schedule`) draws every node's job completion times up front (``K`` potential jobs
+per node), every potential message's delay and loss, and sorts the resulting events by time
+(deliveries before jobs on ties, as in the event executor). The rank of an event in that order is its
+identity: its minibatch and handler keys are ``fold_in(k, rank)``, so the result does not depend on the
+order in which independent events are applied.
+
+Phase 2 (:func:`run`) gives each node its own events in rank order and repeats *one dataflow round*:
+every node whose next event is ready applies it, all nodes at once under ``vmap``. A job is always
+ready; a delivery is ready once its sender has completed the job that sent it (its payload waits in a
+small per-edge ring, ``ring`` entries deep). Each node applies its events in the same order as a
+one-event-at-a-time simulation and each handler sees the same inputs, so the final states equal those
+of the sequential order exactly (``parallel=False`` applies the globally earliest event alone, one per
+round: the reference the tests compare against). Rounds stop at barriers (every ``window`` jobs and at
+every record), where all nodes have processed exactly the events up to the barrier's rank: metrics are
+taken on that consistent cut.
+
+A message is *sent* only if the job's outbox mask says so: the schedule holds every potential message
+and a delivery whose message was not sent is skipped. Losses, crashes (a node stops at its crash time;
+deliveries to it after that are dropped) and the counters follow the event executor's definitions, so
+``sent == lost + delivered + dropped + in_flight`` at every record.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxasync._src import asynchrony as asynchrony_lib
+from jaxasync._src import program as program_lib
+from jaxasync._src import simulator
+
+PyTree = Any
+_NO_RANK = np.iinfo(np.int32).max  # padding of the per-node event tables
+
+
+def why_not_oblivious(program: program_lib.NodeProgram, static) -> str | None:
+    """The reason ``program`` cannot run on the schedule-first executor, or None if it can."""
+    if program.ready is not program_lib.always_ready:
+        return "its nodes are not always ready (their work depends on their state)"
+    if program.shared:
+        return "it uses shared objects"
+    if not static.channel_names:
+        return "it sends no messages"
+    state = jax.eval_shape(lambda: program.init(jnp.int32(0), static.problem.init_params, jax.random.key(0)))
+    for ci, cname in enumerate(static.channel_names):
+        msg = program_lib.Message(jnp.int32(0), jnp.int32(0), static.payloads[ci])
+        emit = jax.eval_shape(lambda s, m, c=cname: program.receive[c](s, m)[1], state, msg)
+        if emit is not None and (emit.outbox or emit.ops):
+            return f"its receive handler for {cname!r} sends messages or operations"
+    return None
+
+
+class Schedule(NamedTuple):
+    """Every node's events, drawn up front (one simulation; leading seed axis when batched).
+
+    The per-node tables are ``[n, L]``, a node's events in rank order, padded with rank ``_NO_RANK``.
+    """
+
+    rank: jax.Array  # int32 [n, L]: position in the global time order
+    kind: jax.Array  # int32 [n, L]: 0 job, 1 + c delivery on channel c
+    src: jax.Array  # int32 [n, L]: sender of a delivery
+    slot: jax.Array  # int32 [n, L]: the sender's out-slot of a delivery
+    job: jax.Array  # int32 [n, L]: the job's index at its node (for a delivery: the sender's job)
+    time: jax.Array  # float32 [n, L]
+    lost: tuple  # per channel: bool [n, K, m], the network's loss draw of every potential message
+    cuts: jax.Array  # int32 [B]: rank of the last event before each barrier
+    cut_time: jax.Array  # float32 [B]: its time
+    ring_needed: jax.Array  # int32: the ring depth that holds every payload until it is delivered
+    short: jax.Array  # bool: some live node ran out of its K potential jobs before the last barrier
+
+
+def _node_tables(static, K: int) -> int:
+    """``L``: the most events one node can have (its jobs plus its in-edges' messages)."""
+    in_degree = np.zeros(static.n, np.int64)
+    for table in static.out_tables:
+        np.add.at(in_degree, table[table >= 0], 1)
+    return int(K * (1 + in_degree.max()))
+
+
+def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray) -> Schedule:
+    """Phase 1: draws and sorts every potential event of ``K`` jobs per node.
+
+    ``barrier_steps`` (increasing) are job counts (summed over nodes) at which phase 2 stops all
+    nodes; a barrier's cut is the rank of the job that reaches its count (the last event if the
+    schedule has fewer jobs: all nodes crashed).
+    """
+    n, nc = static.n, len(static.channel_names)
+    k_run = simulator.root_keys(seed, static.key_impl)[1]
+    k_jobs, k_msgs = jax.random.split(jax.random.fold_in(k_run, 1), 2)
+    # Every draw's key folds in what it is about (job, node, out-slot), never K: more potential
+    # jobs extend a schedule without changing it.
+    nodes = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, K))
+    jobs = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32)[None, :], (n, K))
+    durations = _draws(static.compute_kind, _keys(k_jobs, jobs * n + nodes), params["compute_scales"])
+    job_time = jnp.cumsum(durations * params["stragglers"][:, None], axis=1)  # [n, K]
+    job_ok = job_time < params["crash_times"][:, None]
+
+    # Every potential event as flat columns: jobs first, then each channel's deliveries.
+    cols = dict(
+        time=[jnp.where(job_ok, job_time, jnp.inf).ravel()],
+        origin=[jnp.where(job_ok, job_time, jnp.inf).ravel()],
+        sub=[jnp.zeros((n * K,), jnp.int32)],
+        node=[nodes.ravel()],
+        kind=[jnp.zeros((n * K,), jnp.int32)],
+        src=[nodes.ravel()],
+        slot=[jnp.zeros((n * K,), jnp.int32)],
+        job=[jobs.ravel()],
+    )
+    lost_draws = []
+    for ci in range(nc):
+        table = jnp.asarray(static.out_tables[ci])  # [n, m]
+        m = table.shape[1]
+        k_delay, k_loss = jax.random.split(jax.random.fold_in(k_msgs, ci))
+        message = (jobs * n + nodes)[:, :, None] * m + jnp.arange(m, dtype=jnp.int32)
+        delay = _draws(static.delay_kind, _keys(k_delay, message), params["delay_scales"])
+        lost = jax.vmap(lambda k: jax.random.bernoulli(k, params["loss"]))(_keys(k_loss, message).ravel())
+        lost = lost.reshape(message.shape)
+        lost_draws.append(lost)
+        ok = job_ok[:, :, None] & (table[:, None, :] >= 0) & ~lost
+        shape = (n, K, m)
+        cols["time"].append(jnp.where(ok, job_time[:, :, None] + delay, jnp.inf).ravel())
+        cols["origin"].append(jnp.broadcast_to(job_time[:, :, None], shape).ravel())
+        cols["sub"].append(jnp.full((n * K * m,), 1 + ci, jnp.int32))
+        cols["node"].append(jnp.broadcast_to(table[:, None, :], shape).ravel())
+        cols["kind"].append(jnp.full((n * K * m,), 1 + ci, jnp.int32))
+        cols["src"].append(jnp.broadcast_to(nodes[:, :, None], shape).ravel())
+        cols["slot"].append(jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), shape).ravel())
+        cols["job"].append(jnp.broadcast_to(jobs[:, :, None], shape).ravel())
+    cols = {k: jnp.concatenate(v) for k, v in cols.items()}
+    total = cols["time"].shape[0]
+
+    # The global order is the event executor's: by time, deliveries before jobs on ties, except that a
+    # message never precedes the job that sent it (zero delay). Sorting by the time of the job an
+    # event comes from, then its node, then job before deliveries, gives exactly that.
+    order = jnp.lexsort(
+        (jnp.arange(total, dtype=jnp.int32), cols["sub"], cols["src"], cols["origin"], cols["time"])
+    )
+    ev = {k: v[order] for k, v in cols.items()}
+    valid = jnp.isfinite(ev["time"])
+    count = jnp.sum(valid).astype(jnp.int32)
+    rank = jnp.arange(total, dtype=jnp.int32)
+
+    # Barriers: the rank of the job that reaches each count (the last event if there is none).
+    jobs_before = jnp.cumsum((ev["kind"] == 0) & valid).astype(jnp.int32)
+    targets = jnp.asarray(barrier_steps, jnp.int32)
+    cuts = jnp.minimum(jnp.searchsorted(jobs_before, targets, side="left").astype(jnp.int32), count - 1)
+    cut_time = ev["time"][jnp.maximum(cuts, 0)]
+    last = ev["time"][jnp.maximum(count - 1, 0)]
+    final_time = jnp.where(targets[-1] <= jobs_before[-1], cut_time[-1], last)
+    short = jnp.any(job_ok[:, -1] & (job_time[:, -1] <= final_time))
+
+    # Per-node tables: stable grouping by node keeps each node's events in rank order.
+    owner = jnp.where(valid, ev["node"], n)
+    by_node = jnp.lexsort((rank, owner))
+    owner_g = owner[by_node]
+    start = jnp.searchsorted(owner_g, jnp.arange(n + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
+    L = _node_tables(static, K)
+    pos = jnp.arange(total, dtype=jnp.int32) - start[jnp.minimum(owner_g, n)]
+    row = jnp.where(owner_g < n, owner_g, n)  # invalid events fall off the table (mode="drop")
+
+    def table(values, fill):
+        out = jnp.full((n, L), fill, values.dtype)
+        return out.at[row, pos].set(values[by_node], mode="drop")
+
+    rank_t = table(rank, _NO_RANK)
+
+    # The ring depth: a payload must survive until its delivery's barrier, while its sender goes on.
+    job_rank = jnp.where(job_ok, _job_ranks(ev, valid, rank, n, K), _NO_RANK)
+    jobs_by_cut = jax.vmap(lambda r: jnp.searchsorted(r, cuts, side="right"))(job_rank)  # [n, B]
+    barrier = jnp.minimum(jnp.searchsorted(cuts, rank, side="left"), cuts.shape[0] - 1)
+    sender_jobs_by_cut = jobs_by_cut[jnp.minimum(ev["src"], n - 1), barrier]
+    is_delivery = valid & (ev["kind"] > 0)
+    ring_needed = jnp.max(jnp.where(is_delivery, sender_jobs_by_cut - ev["job"], 1)).astype(jnp.int32)
+
+    return Schedule(
+        rank=rank_t,
+        kind=table(ev["kind"], 0),
+        src=table(ev["src"], 0),
+        slot=table(ev["slot"], 0),
+        job=table(ev["job"], 0),
+        time=table(ev["time"], jnp.inf),
+        lost=tuple(lost_draws),
+        cuts=cuts,
+        cut_time=cut_time,
+        ring_needed=ring_needed,
+        short=short,
+    )
+
+
+def _keys(key: jax.Array, index: jax.Array) -> jax.Array:
+    """``fold_in(key, i)`` for every entry of ``index``."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, index.ravel()).reshape(index.shape)
+
+
+def _draws(kind: str, keys: jax.Array, scales: jax.Array) -> jax.Array:
+    """One draw of ``kind`` per key (keys ``[n, ...]``), with the scale of the key's node."""
+    scale = jnp.broadcast_to(scales.reshape((-1,) + (1,) * (keys.ndim - 1)), keys.shape)
+    flat = jax.vmap(functools.partial(asynchrony_lib.sample, kind))(keys.ravel(), scale.ravel())
+    return flat.reshape(keys.shape)
+
+
+def _job_ranks(ev, valid, rank, n: int, K: int) -> jax.Array:
+    """``[n, K]``: the global rank of each node's jobs (increasing in the job index)."""
+    is_job = (ev["kind"] == 0) & valid
+    node = jnp.where(is_job, ev["node"], n)
+    return jnp.full((n, K), _NO_RANK, jnp.int32).at[node, ev["job"]].set(rank, mode="drop")
+
+
+class _Ring(NamedTuple):
+    """One channel's payloads in flight: ``depth`` entries per (sender, out-slot), indexed job % depth."""
+
+    job: jax.Array  # int32 [n, m, depth]: the job that wrote the entry (-1: none)
+    seq: jax.Array  # int32 [n, m, depth]: the message's sequence number, -1 if the job did not send
+    payload: PyTree  # leaves [n, m, depth, ...]
+
+
+class _Carry(NamedTuple):
+    now: jax.Array
+    states: PyTree
+    next: jax.Array  # int32 [n]: each node's next event in its table
+    jobs_done: jax.Array  # int32 [n]
+    seq: jax.Array  # int32 [C, n]
+    rings: tuple
+    counters: simulator.Counters
+    shared: dict  # always empty (oblivious programs have no shared objects); read by the metrics
+
+
+def _init_carry(static, params, seed, depth: int) -> _Carry:
+    program, n, nc = static.program, static.n, len(static.channel_names)
+    node_keys, _ = simulator.init_keys(seed, n, static.key_impl)
+    nodes = jnp.arange(n, dtype=jnp.int32)
+    states = jax.vmap(lambda i, k: program.init(i, static.problem.init_params, k))(nodes, node_keys)
+    rings = []
+    for ci in range(nc):
+        m = static.out_tables[ci].shape[1]
+        rings.append(
+            _Ring(
+                job=jnp.full((n, m, depth), -1, jnp.int32),
+                seq=jnp.full((n, m, depth), -1, jnp.int32),
+                payload=jax.tree.map(
+                    lambda t: jnp.zeros((n, m, depth, *jnp.shape(t)), jnp.result_type(t)),
+                    static.payloads[ci],
+                ),
+            )
+        )
+    zc = jnp.zeros((nc,), jnp.int32)
+    counters = simulator.Counters(
+        events=jnp.int32(0),
+        steps=jnp.zeros((n,), jnp.int32),
+        sent=zc,
+        lost=zc,
+        delivered=zc,
+        dropped=zc,
+        overflow=zc,
+        bytes_sent=jnp.zeros((nc,), jnp.float32),
+        staleness_sum=jnp.float32(0),
+        staleness_max=jnp.int32(0),
+        updates=jnp.int32(0),
+    )
+    del params  # the first jobs' times are in the schedule
+    return _Carry(
+        now=jnp.float32(0),
+        states=states,
+        next=jnp.zeros((n,), jnp.int32),
+        jobs_done=jnp.zeros((n,), jnp.int32),
+        seq=jnp.zeros((nc, n), jnp.int32),
+        rings=tuple(rings),
+        counters=counters,
+        shared={},
+    )
+
+
+def _round(static, params, k_events, sched: Schedule, carry: _Carry, end, parallel: bool) -> _Carry:
+    """One dataflow round: every node whose next event (before ``end``) is ready applies it."""
+    program, problem = static.program, static.problem
+    n, nc = static.n, len(static.channel_names)
+    nodes = jnp.arange(n, dtype=jnp.int32)
+    depth = carry.rings[0].job.shape[2]
+    at = jnp.minimum(carry.next, sched.rank.shape[1] - 1)[:, None]
+    rank, kind, src, slot, job, time = (
+        jnp.take_along_axis(a, at, axis=1)[:, 0]
+        for a in (sched.rank, sched.kind, sched.src, sched.slot, sched.job, sched.time)
+    )
+    is_job = kind == 0
+    ready = (carry.next < end) & (is_job | (carry.jobs_done[src] > job))
+    if not parallel:  # the reference order: only the globally earliest event
+        ready &= rank == jnp.min(jnp.where(ready, rank, _NO_RANK))
+
+    msgs, sent_msg = [], []
+    w = job % depth
+    for ci, ring in enumerate(carry.rings):
+        entry_seq = ring.seq[src, slot, w]
+        sent_msg.append((kind == 1 + ci) & (ring.job[src, slot, w] == job) & (entry_seq >= 0))
+        in_slot = jnp.asarray(static.dst_slots[ci])[src, slot]
+        msgs.append(
+            program_lib.Message(in_slot, entry_seq, jax.tree.map(lambda p: p[src, slot, w], ring.payload))
+        )
+    delivery = functools.reduce(jnp.logical_or, sent_msg, jnp.zeros((n,), bool))
+    alive = time < params["crash_times"]
+    handled = ready & (is_job | (delivery & alive))
+
+    def node_event(state, node, kind, msgs, rank):
+        k_batch, k_handler = jax.random.split(jax.random.fold_in(k_events, rank))
+
+        def job_branch(state, msgs):
+            del msgs  # a job reads no message
+            state, emit = program.step(state, problem.grad_fn, problem.sample(k_batch, node), k_handler)
+            return state, _outboxes(static, emit)
+
+        def receive_branch(ci, state, msgs):
+            state, _ = program.receive[static.channel_names[ci]](state, msgs[ci])
+            return state, _outboxes(static, None)
+
+        branches = [job_branch] + [functools.partial(receive_branch, ci) for ci in range(nc)]
+        return jax.lax.switch(kind, branches, state, msgs)
+
+    new_states, outboxes = jax.vmap(node_event)(carry.states, nodes, kind, tuple(msgs), rank)
+    states = jax.tree.map(
+        lambda a, b: jnp.where(handled.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new_states, carry.states
+    )
+
+    # A job's messages wait in its ring entry until their deliveries come up.
+    sends = ready & is_job
+    rings, seq, c = list(carry.rings), carry.seq, carry.counters
+    for ci, (ring, ob) in enumerate(zip(carry.rings, outboxes)):
+        table = jnp.asarray(static.out_tables[ci])
+        mask = ob.mask & (table >= 0) & sends[:, None]
+        lost = sched.lost[ci][nodes, jnp.minimum(job, sched.lost[ci].shape[1] - 1)] & mask
+        entry = jnp.where(sends, w, depth)  # nodes without a job write nowhere (mode="drop")
+        rings[ci] = _Ring(
+            job=ring.job.at[nodes, :, entry].set(job[:, None], mode="drop"),
+            seq=ring.seq.at[nodes, :, entry].set(jnp.where(mask, seq[ci][:, None], -1), mode="drop"),
+            payload=jax.tree.map(
+                lambda p, x: p.at[nodes, :, entry].set(x.astype(p.dtype), mode="drop"),
+                ring.payload,
+                ob.payload,
+            ),
+        )
+        nsent = jnp.sum(mask).astype(jnp.int32)
+        seq = seq.at[ci].add(jnp.any(mask, axis=1).astype(jnp.int32))
+        c = c._replace(
+            sent=c.sent.at[ci].add(nsent),
+            lost=c.lost.at[ci].add(jnp.sum(lost).astype(jnp.int32)),
+            bytes_sent=c.bytes_sent.at[ci].add(nsent * static.payload_bytes[ci]),
+            delivered=c.delivered.at[ci].add(jnp.sum(ready & sent_msg[ci] & alive).astype(jnp.int32)),
+            dropped=c.dropped.at[ci].add(jnp.sum(ready & sent_msg[ci] & ~alive).astype(jnp.int32)),
+        )
+    c = c._replace(
+        events=c.events + jnp.sum(ready & (is_job | delivery)).astype(jnp.int32),
+        steps=c.steps + sends.astype(jnp.int32),
+    )
+    return carry._replace(
+        states=states,
+        next=carry.next + ready.astype(jnp.int32),
+        jobs_done=carry.jobs_done + sends.astype(jnp.int32),
+        seq=seq,
+        rings=tuple(rings),
+        counters=c,
+    )
+
+
+def _outboxes(static, emit) -> tuple:
+    """A job's outbox on every channel, in channel order (an empty one where it sends nothing)."""
+    emit = program_lib.Emit() if emit is None else emit
+    out = []
+    for ci, cname in enumerate(static.channel_names):
+        ob = emit.outbox.get(cname)
+        if ob is None:
+            m = static.out_tables[ci].shape[1]
+            ob = program_lib.Outbox(
+                jax.tree.map(
+                    lambda t: jnp.zeros((m, *jnp.shape(t)), jnp.result_type(t)), static.payloads[ci]
+                ),
+                jnp.zeros((m,), bool),
+            )
+        out.append(ob)
+    return tuple(out)
+
+
+def run(
+    static,
+    params: dict,
+    seed,
+    sched: Schedule,
+    depth: int,
+    num_records: int,
+    barriers_per_record: int,
+    parallel: bool = True,
+    axis_name: str | None = None,
+):
+    """Phase 2: applies the schedule; returns (final carry, metrics at ``num_records + 1`` records).
+
+    Record ``r`` is taken at barrier ``r * barriers_per_record - 1`` (record 0: the initial state).
+    Under ``vmap(..., axis_name=axis_name)`` rounds go on while any simulation of the batch has work.
+    """
+    carry = _init_carry(static, params, seed, depth)
+    k_events = jax.random.fold_in(simulator.root_keys(seed, static.key_impl)[1], 2)
+
+    def barrier(carry, b):
+        end = jnp.sum(sched.rank <= sched.cuts[b], axis=1).astype(jnp.int32)
+
+        def work(carry):
+            return jnp.any(carry.next < end)
+
+        def cond(carry):
+            if axis_name is None:
+                return work(carry)
+            return jax.lax.psum(work(carry).astype(jnp.int32), axis_name) > 0
+
+        carry = jax.lax.while_loop(
+            cond, lambda c: _round(static, params, k_events, sched, c, end, parallel), carry
+        )
+        return carry._replace(now=jnp.maximum(carry.now, sched.cut_time[b]))
+
+    def record(carry, r):
+        first = (r - 1) * barriers_per_record
+        carry = jax.lax.fori_loop(
+            0, jnp.where(r > 0, barriers_per_record, 0), lambda q, c: barrier(c, first + q), carry
+        )
+        return carry, _metrics(static, carry, params)
+
+    return jax.lax.scan(record, carry, jnp.arange(num_records + 1))
+
+
+def _metrics(static, carry: _Carry, params: dict) -> dict:
+    c = carry.counters
+    return simulator._metrics(static, carry, params, jnp.sum(c.sent - c.lost - c.delivered - c.dropped))
+
+
+def plan(asynchrony, n: int, total_steps: int, record_every: int, window: int | None):
+    """Host-side sizes: ``(K, barrier_steps, barriers_per_record)``.
+
+    ``K`` potential jobs per node cover the expected jobs of the fastest node until ``total_steps``
+    jobs are done, with room for chance (:func:`records` doubles it if a draw needs more). Barriers
+    fall every ``window`` jobs (default ``8 n``) and on every record.
+    """
+    mean = asynchrony.compute_time.mean(n) * asynchrony.straggler_factors(n)
+    rates = 1.0 / np.maximum(mean, 1e-12)
+    expected = total_steps * rates.max() / rates.sum()
+    K = int(min(total_steps, math.ceil(1.05 * expected + 5 * math.sqrt(expected) + 16)))
+    per_record = max(1, round(record_every / (window or 8 * n)))
+    num_records = -(-total_steps // record_every)
+    barrier_steps = np.array(
+        [
+            (r - 1) * record_every + -(-q * record_every // per_record)
+            for r in range(1, num_records + 1)
+            for q in range(1, per_record + 1)
+        ],
+        np.int32,
+    )
+    return K, barrier_steps, per_record
+
+
+def draw(static, params: dict, seeds, *, K: int, barrier_steps: np.ndarray, total_steps: int):
+    """Phase 1, compiled (``seeds``: an int, or a 1-D array run under ``vmap``); returns ``(sched, K)``.
+
+    If a draw needs more than ``K`` potential jobs at some node (a slow spell of the others), ``K``
+    doubles and the schedule is drawn again.
+    """
+    batched = np.ndim(seeds) == 1
+    while True:
+        sched = _draw_fn(static, K, tuple(np.asarray(barrier_steps).tolist()), batched)(params, seeds)
+        if not np.any(jax.device_get(sched.short)) or K >= total_steps:
+            return sched, K
+        K = min(2 * K, total_steps)
+
+
+@functools.lru_cache(maxsize=32)
+def _draw_fn(static, K: int, barrier_steps: tuple, batched: bool):
+    from jaxasync._src.xla import jit
+
+    def fn(params, seed):
+        return draw_schedule(static, params, seed, K, np.asarray(barrier_steps, np.int32))
+
+    return jit(jax.vmap(fn, (None, 0)) if batched else fn)
+
+
+def ring_depth(sched: Schedule) -> int:
+    """The ring depth phase 2 needs: a power of two (few distinct compiles across a sweep)."""
+    return 1 << max(0, int(np.max(jax.device_get(sched.ring_needed))) - 1).bit_length()
+
+
+def over_seeds(fn):
+    """``fn(seed, sched)`` (a partial of :func:`run`) over a leading seed axis, under ``vmap``."""
+    return jax.vmap(functools.partial(fn, axis_name=_SEEDS), axis_name=_SEEDS)
+
+
+def records(
+    static, params: dict, seeds, *, steps: int, record_every: int, asynchrony, window=None, parallel=True
+):
+    """Simulates with the schedule-first executor; returns the metric records (numpy).
+
+    ``seeds`` is an int (one simulation) or a 1-D array (a leading seed axis, run under ``vmap``).
+    """
+    from jaxasync._src.xla import jit
+
+    batched = np.ndim(seeds) == 1
+    seeds = jnp.asarray(seeds, jnp.int32)
+    num_records = -(-steps // record_every)
+    total = num_records * record_every
+    K, barrier_steps, per_record = plan(asynchrony, static.n, total, record_every, window)
+    sched, _ = draw(static, params, seeds, K=K, barrier_steps=barrier_steps, total_steps=total)
+    fn = functools.partial(
+        run,
+        static,
+        params,
+        depth=ring_depth(sched),
+        num_records=num_records,
+        barriers_per_record=per_record,
+        parallel=parallel,
+    )
+    _, out = jit(over_seeds(fn) if batched else fn)(seeds, sched)
+    return jax.device_get(out)
+
+
+_SEEDS = "seeds"

@@ -1,0 +1,142 @@
+"""The schedule-first executor: same results as one event at a time, exact message accounting."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxasync as ja
+from jaxasync._src import scheduled, simulator
+
+N = 6
+
+
+def _problem(batch_size=4):
+    return ja.problems.least_squares(N, 5, 16, batch_size=batch_size, seed=1)
+
+
+def _rfast(graph=None):
+    g = graph or ja.topology.directed_ring(N)
+    return ja.algorithms.rfast(g, g, learning_rate=0.05)
+
+
+def _records(program, problem, asyn, steps, record_every, seeds=0, parallel=True, window=None):
+    static = simulator.make_static(program, problem, asyn, None, unrolled_keys=True)
+    params = simulator.make_params(asyn, simulator.num_nodes(program, problem))
+    return scheduled.records(
+        static,
+        params,
+        seeds,
+        steps=steps,
+        record_every=record_every,
+        asynchrony=asyn,
+        window=window,
+        parallel=parallel,
+    )
+
+
+FAULTS = ja.Asynchrony(delay=ja.exponential(0.7), loss=0.2, crashes={2: 15.0}, stragglers={4: 3.0})
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_parallel_rounds_equal_the_sequential_order(window):
+    """Nodes applying their events side by side end exactly where one event at a time ends."""
+    problem = _problem()
+    par = _records(_rfast(), problem, FAULTS, 300, 30, window=window)
+    seq = _records(_rfast(), problem, FAULTS, 300, 30, parallel=False, window=window)
+    for k in par:
+        np.testing.assert_array_equal(par[k], seq[k], err_msg=k)
+    assert par["events"][-1] > 300 and np.all(np.diff(par["loss"][:4]) < 0)
+
+
+def test_message_accounting_and_crash():
+    tr = ja.simulate(_rfast(), _problem(), FAULTS, steps=400, record_every=20, executor="schedule")
+    assert tr.meta["simulator"] == "schedule"
+    sent, lost, delivered, dropped, flight = (
+        tr[k] for k in ("sent", "lost", "delivered", "dropped", "in_flight")
+    )
+    np.testing.assert_array_equal(sent, lost + delivered + dropped + flight)
+    assert np.all(flight >= 0) and tr["overflow"][-1] == 0
+    assert tr["steps"][-1] == 400 and tr["events"][-1] == 400 + delivered[-1] + dropped[-1]
+    # 20% of the messages sent are lost (binomial: within 4 standard deviations)
+    p = lost[-1] / sent[-1]
+    assert abs(p - 0.2) < 4 * np.sqrt(0.2 * 0.8 / sent[-1])
+    # node 2 stops at t = 15: no job after it, and messages to it are dropped
+    crashed_at = np.searchsorted(tr["time"], 15.0)
+    assert tr["node_steps"][-1, 2] == tr["node_steps"][crashed_at, 2] and dropped[-1] > 0
+    assert tr["alive"][-1] == N - 1
+    # the straggler (3x slower) does fewer jobs than any other live node
+    live = [i for i in range(N) if i != 2]
+    assert tr["node_steps"][-1, 4] == min(tr["node_steps"][-1, live])
+
+
+def test_deterministic_timing_matches_the_event_executor():
+    """With fixed times and full batches nothing is random: both executors end in the same place."""
+    problem = _problem(batch_size=None)
+    asyn = ja.Asynchrony(compute_time=ja.fixed([1.0, 1.0, 1.5, 2.0, 1.0, 3.0]), delay=ja.fixed(0.0))
+    for program in (_rfast(), _rfast(ja.topology.ring(N))):
+        a = ja.simulate(program, problem, asyn, steps=120, record_every=12, executor="events")
+        b = ja.simulate(program, problem, asyn, steps=120, record_every=12, executor="schedule")
+        for k in ("events", "steps", "node_steps", "sent", "delivered", "time"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    asyn = ja.Asynchrony(compute_time=ja.fixed([1.0, 2.0, 1.0, 1.5, 1.0, 1.0]), delay=ja.fixed(0.5))
+    a = ja.simulate(_rfast(), problem, asyn, steps=90, record_every=9, executor="events")
+    b = ja.simulate(_rfast(), problem, asyn, steps=90, record_every=9, executor="schedule")
+    np.testing.assert_array_equal(a["delivered"], b["delivered"])
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+
+
+def test_seeds_batch_and_schedule_length_do_not_change_a_trace():
+    problem = _problem()
+    one = ja.simulate(_rfast(), problem, FAULTS, steps=200, record_every=20, seed=5)
+    two = ja.simulate(_rfast(), problem, FAULTS, steps=200, record_every=20, seeds=[4, 5])
+    again = ja.simulate(_rfast(), problem, FAULTS, steps=200, record_every=20, seed=5)
+    for k in ("events", "sent", "lost", "node_steps"):
+        np.testing.assert_array_equal(one[k], two[k][1], err_msg=k)
+        np.testing.assert_array_equal(one[k], again[k], err_msg=k)
+    np.testing.assert_allclose(one["loss"], two["loss"][1], rtol=1e-5)
+    # more potential jobs per node extend the schedule without changing it
+    static = simulator.make_static(_rfast(), problem, FAULTS, None, unrolled_keys=True)
+    params = simulator.make_params(FAULTS, N)
+    draw = functools.partial(scheduled.draw_schedule, static, params, jnp.int32(5))
+    barriers = np.array([50, 100], np.int32)
+    short, long = draw(60, barriers), draw(120, barriers)
+    assert not bool(short.short)
+    np.testing.assert_array_equal(short.cuts, long.cuts)
+    np.testing.assert_array_equal(short.cut_time, long.cut_time)
+
+
+def test_executor_choice_and_errors():
+    problem = _problem()
+    asgrad = ja.algorithms.asgrad(num_workers=N, learning_rate=0.05)
+    tr = ja.simulate(asgrad, problem, steps=30)
+    assert tr.meta["simulator"] == "events"
+    with pytest.raises(ValueError, match="not always ready"):
+        ja.simulate(asgrad, problem, steps=30, executor="schedule")
+    with pytest.raises(ValueError, match="shared objects"):
+        ja.simulate(ja.algorithms.hogwild(learning_rate=0.1), problem, steps=30, executor="schedule")
+    with pytest.raises(ValueError, match="executor must be"):
+        ja.simulate(_rfast(), problem, steps=30, executor="fast")
+    assert ja.simulate(_rfast(), problem, steps=30).meta["simulator"] == "schedule"
+
+
+def test_sweep_runs_scheduled_programs_and_matches_simulate():
+    problem = _problem()
+    runs = [(0.05, FAULTS), (0.02, ja.Asynchrony(delay=ja.exponential(0.2)))]
+
+    def make(h):
+        g = ja.topology.directed_ring(N)
+        return ja.algorithms.rfast(g, g, optimizer=optax.sgd(h))
+
+    traces = ja.sweep(make, problem, runs, steps=120, seeds=[1, 2], record_every=12)
+    for (h, spec), tr in zip(runs, traces):
+        assert tr.meta["simulator"] == "schedule"
+        one = ja.simulate(make(h), problem, spec, steps=120, record_every=12, seed=2)
+        for k in ("events", "sent", "lost", "delivered", "node_steps"):
+            np.testing.assert_array_equal(tr[k][1], one[k], err_msg=k)
+        np.testing.assert_allclose(tr["loss"][1], one["loss"], rtol=1e-5)
+    assert jax.tree.leaves(traces[0].metrics)  # records came back
