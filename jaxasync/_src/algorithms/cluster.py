@@ -71,9 +71,9 @@ class ClusterSGDState(NamedTuple):
     Attributes:
       node: int32 process id.
       t: int32 iteration counter (iterations completed).
-      x: the current parameters.
+      x: the current parameters (between a step and its ``observe``: still those of iteration ``t``).
       opt_state: state of the local optimizer (its count is ``t``).
-      pending: bool, a value for iteration ``t`` was published and awaits collection.
+      pending: bool, a value for iteration ``t`` was published (in ``VAL``) and awaits collection.
       relay_tags: int32 ``[n, slots]``: iteration held in this process's relay register of each
         origin and slot (-1 if empty), so a late message never overwrites a newer one.
       collected: int32 number of values averaged at the last iteration (``|Y|``).
@@ -332,15 +332,17 @@ def _algorithm_a(*, of, n, m, sizes, opt, slots, same, remote):
         outbox = {}
         if has_remote:
             outbox["vals"] = program_lib.broadcast_outbox(channel, state.node, {"t": state.t, "y": y})
-        # x holds y until observe averages it with the other iteration-t values.
-        state = state._replace(x=y, opt_state=opt_state, pending=jnp.asarray(True))
+        # y lives in the register only (a copy in the state would cost a pass over the model): the
+        # executor applies the write before observe, which averages it with the other values of t.
+        state = state._replace(opt_state=opt_state, pending=jnp.asarray(True))
         return state, program_lib.Emit(outbox=outbox, ops={"vals": write})
 
     def observe(state, views):
         t, s = state.t, state.t % K
         vals = views["vals"]
-        own = vals.tags[:, s] == t  # [origin]: cluster-mates (incl. self) that published y^t
-        have = own.at[state.node].set(True)
+        # [origin]: cluster-mates that published y^t, this process included (its step's write).
+        own = vals.tags[:, s] == t
+        have = own
         y_own = jax.tree.map(lambda v: v[:, s].astype(jnp.float32), vals.values)
         if has_remote:
             relay = views["relay"]
@@ -356,8 +358,6 @@ def _algorithm_a(*, of, n, m, sizes, opt, slots, same, remote):
             )
         else:
             y_all = y_own
-        # Own value from the state: always present, whatever an executor's registers show.
-        y_all = jax.tree.map(lambda a, x: a.at[state.node].set(x.astype(jnp.float32)), y_all, state.x)
         count = jnp.sum(have).astype(jnp.int32)
         w = have.astype(jnp.float32) / count
         avg = jax.tree.map(
