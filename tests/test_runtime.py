@@ -106,6 +106,28 @@ def _faulty(lr=0.05):
     return ja.NodeProgram("faulty", init, step, lambda s: s.x)
 
 
+def _adder(size=1 << 16):
+    """Every step adds exactly 1.0 to every element of a shared buffer of ``size`` floats.
+
+    All sums stay exact in float32 (below 2**24), so a racy buffer's net change falls short of the
+    applied total by exactly the number of lost element updates.
+    """
+
+    def init(node, params, key):
+        del key
+        return _CountState(params, jnp.asarray(node, jnp.int32), jnp.int32(0))
+
+    def step(state, grad_fn, batch, key):
+        del grad_fn, batch, key
+        ones = jnp.ones_like(state.x)
+        return state._replace(count=state.count + 1), ja.Emit(ops={"params": ja.BufferAdd(ones)})
+
+    program = ja.NodeProgram("adder", init, step, lambda s: s.x, shared={"params": ja.Buffer()})
+    data = [{"a": np.zeros((2, 1), np.float32)} for _ in range(2)]
+    problem = ja.Problem(lambda x, d: jnp.sum(x) * 0.0, jnp.zeros(size), data, batch_size=1)
+    return program, problem
+
+
 class _NoSharedMemory(transport_lib.ShmTransport):
     """Stands for a transport between hosts (MPI): messages only."""
 
@@ -274,6 +296,38 @@ def test_hogwild_survives_a_sigkilled_worker():
     assert tr["loss"][-1] < 1e-2 * tr["loss"][0]
     # Updates to the shared buffer were timestamped.
     assert np.all(tr["staleness_max"] >= 0) and np.isfinite(tr["staleness_mean"][-1])
+
+
+@pytest.mark.parametrize("mode", ["atomic", "racy"])
+def test_lost_updates_are_the_buffers_shortfall_exactly(mode):
+    """Two workers add +1 to every element of a 64k buffer each step. The tallies are exact: every
+    applied element update is counted; with compare-and-swap none is lost; with plain stores the
+    buffer falls short by a whole number of updates (the lost ones), never the other way."""
+    size, steps = 1 << 16, 400
+    program, problem = _adder(size)
+    tr = local.run(program, problem, workers=2, steps=steps, buffer_mode=mode, lost_updates=True)
+    assert tr["steps"][-1] == steps
+    lost = tr.meta["lost_updates"]["params"]
+    assert lost["adds"] == steps and lost["element_updates"] == steps * size
+    assert lost["applied_mass"] == steps * size  # float64 sum of exact ones
+    assert lost["lost_element_updates"] == lost["lost_mass"]  # unit deltas: mass = count
+    assert lost["lost_mass"] == int(lost["lost_mass"]) and lost["max_abs_error"] <= steps
+    if mode == "atomic":
+        assert lost["lost_mass"] == 0.0 and lost["lost_fraction"] == 0.0
+    else:
+        assert 0.0 <= lost["lost_fraction"] < 1.0
+
+
+def test_lost_updates_are_measured_only_where_updates_can_be_lost():
+    """Off by default in atomic mode (nothing to measure), on in racy mode; a single racy writer
+    loses nothing; programs without buffers report None."""
+    program, problem = _adder(1 << 10)
+    problem1 = ja.Problem(problem.loss_fn, problem.init_params, problem.shards[:1], batch_size=1)
+    tr = local.run(program, problem1, workers=1, steps=50)
+    assert tr.meta["lost_updates"] is None
+    tr = local.run(program, problem1, workers=1, steps=50, buffer_mode="racy")
+    assert tr.meta["lost_updates"]["params"]["lost_mass"] == 0.0
+    assert tr.meta["lost_updates"]["params"]["element_updates"] == 50 * (1 << 10)
 
 
 def test_a_crash_stops_an_algorithm_that_is_not_crash_tolerant():
