@@ -92,9 +92,10 @@ def test_deterministic_timing_matches_the_event_executor():
 
 def test_seeds_batch_and_schedule_length_do_not_change_a_trace():
     problem = _problem()
-    one = ja.simulate(_rfast(), problem, FAULTS, steps=200, record_every=20, seed=5)
-    two = ja.simulate(_rfast(), problem, FAULTS, steps=200, record_every=20, seeds=[4, 5])
-    again = ja.simulate(_rfast(), problem, FAULTS, steps=200, record_every=20, seed=5)
+    run = functools.partial(
+        ja.simulate, _rfast(), problem, FAULTS, steps=200, record_every=20, executor="schedule"
+    )
+    one, again, two = run(seed=5), run(seed=5), run(seeds=[4, 5])
     for k in ("events", "sent", "lost", "node_steps"):
         np.testing.assert_array_equal(one[k], two[k][1], err_msg=k)
         np.testing.assert_array_equal(one[k], again[k], err_msg=k)
@@ -113,15 +114,13 @@ def test_seeds_batch_and_schedule_length_do_not_change_a_trace():
 def test_executor_choice_and_errors():
     problem = _problem()
     asgrad = ja.algorithms.asgrad(num_workers=N, learning_rate=0.05)
-    tr = ja.simulate(asgrad, problem, steps=30)
-    assert tr.meta["simulator"] == "events"
     with pytest.raises(ValueError, match="not always ready"):
         ja.simulate(asgrad, problem, steps=30, executor="schedule")
     with pytest.raises(ValueError, match="shared objects"):
         ja.simulate(ja.algorithms.hogwild(learning_rate=0.1), problem, steps=30, executor="schedule")
     with pytest.raises(ValueError, match="executor must be"):
         ja.simulate(_rfast(), problem, steps=30, executor="fast")
-    assert ja.simulate(_rfast(), problem, steps=30).meta["simulator"] == "schedule"
+    assert ja.simulate(_rfast(), problem, steps=30).meta["simulator"] == "events"
 
 
 def test_sweep_runs_scheduled_programs_and_matches_simulate():
@@ -132,10 +131,10 @@ def test_sweep_runs_scheduled_programs_and_matches_simulate():
         g = ja.topology.directed_ring(N)
         return ja.algorithms.rfast(g, g, optimizer=optax.sgd(h))
 
-    traces = ja.sweep(make, problem, runs, steps=120, seeds=[1, 2], record_every=12)
+    traces = ja.sweep(make, problem, runs, steps=120, seeds=[1, 2], record_every=12, executor="schedule")
     for (h, spec), tr in zip(runs, traces):
         assert tr.meta["simulator"] == "schedule"
-        one = ja.simulate(make(h), problem, spec, steps=120, record_every=12, seed=2)
+        one = ja.simulate(make(h), problem, spec, steps=120, record_every=12, seed=2, executor="schedule")
         for k in ("events", "sent", "lost", "delivered", "node_steps"):
             np.testing.assert_array_equal(tr[k][1], one[k], err_msg=k)
         np.testing.assert_allclose(tr["loss"][1], one["loss"], rtol=1e-5)

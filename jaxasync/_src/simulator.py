@@ -808,7 +808,7 @@ def simulate(
     record_every: int | None = None,
     pool_size: int | None = None,
     max_events: int | None = None,
-    executor: str = "auto",
+    executor: str = "events",
 ):
     """Simulates ``algorithm`` on ``problem`` under ``asynchrony`` and returns a :class:`Trace`.
 
@@ -829,11 +829,12 @@ def simulate(
         messages beyond it are dropped and counted as ``overflow``.
       max_events: a bound on the events between two records (default ``1000 * record_every``),
         so a program that never stops talking cannot hang the simulation.
-      executor: ``"events"`` (one event at a time, any program), ``"schedule"`` (the schedule drawn
-        up front and applied to many nodes at once, see :mod:`jaxasync._src.scheduled`; only for
-        oblivious programs such as R-FAST, DASGD and SGP; ``pool_size`` and ``max_events`` do not
-        apply) or ``"auto"`` (``"schedule"`` where it applies). The two executors draw their random
-        numbers differently: same seed, same trace within an executor, not across them.
+      executor: ``"events"`` (one event at a time, any program) or ``"schedule"`` (the schedule
+        drawn up front and applied to all nodes at once, see :mod:`jaxasync._src.scheduled`; only
+        for oblivious programs such as R-FAST, DASGD and SGP; ``pool_size`` and ``max_events`` do
+        not apply). For one R-FAST simulation on 16 nodes the schedule is ~4x faster; for batches
+        of seeds the event executor is as fast (it already fills the vector units). The two draw
+        their random numbers differently: same seed, same trace within an executor, not across.
 
     Returns:
       A :class:`Trace` with ``time, events, steps, node_steps`` (per node), ``loss, grad_norm, gap,
@@ -876,13 +877,16 @@ def simulate(
 
 
 def _executor(executor: str, program, problem, asynchrony) -> str:
-    """``"events"`` or ``"schedule"``: the executor ``executor`` names, or the one that fits best."""
+    """Checks the executor a simulation asks for (``"events"`` or ``"schedule"``) and returns it."""
     from jaxasync._src import scheduled
 
-    if executor not in ("auto", "events", "schedule"):
-        raise ValueError(f"executor must be 'auto', 'events' or 'schedule', got {executor!r}")
-    if executor == "events":
-        return executor
+    if executor not in ("events", "schedule"):
+        raise ValueError(f"executor must be 'events' or 'schedule', got {executor!r}")
+    if executor == "schedule":
+        why = scheduled.why_not_oblivious(program, make_static(program, problem, asynchrony, 1))
+        if why is not None:
+            raise ValueError(f"{program.name} cannot run on the schedule-first executor: {why}")
+    return executor
     why = scheduled.why_not_oblivious(program, make_static(program, problem, asynchrony, 1))
     if why is None:
         return "schedule"
@@ -920,7 +924,7 @@ def sweep(
     return_states: bool = False,
     overflow: str = "warn",
     on_run: Callable[[], None] | None = None,
-    executor: str = "auto",
+    executor: str = "events",
 ):
     """Simulates one program under many asynchrony specs (and step sizes) with one XLA compile.
 
@@ -965,7 +969,7 @@ def sweep(
       overflow: what a run whose messages did not fit in the in-flight pool does: ``"warn"``
         (like :func:`simulate`), ``"raise"`` (RuntimeError) or ``"ignore"``.
       on_run: called with no argument after every simulation (progress reporting).
-      executor: ``"auto"``, ``"events"`` or ``"schedule"``, as for :func:`simulate`.
+      executor: ``"events"`` or ``"schedule"``, as for :func:`simulate`.
 
     Returns:
       One :class:`Trace` per run, in order, whose metrics have a leading seed axis (``[seeds,

@@ -247,7 +247,6 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
             pool_size=pool,
             overflow="raise",
             on_run=tick,
-            executor="events",  # S_max comes from the event executor's log (event_staleness)
         )
         for (h, _, tag), trace in zip(runs, out):
             res[label, n, h, tag] = trace
@@ -597,7 +596,6 @@ def _study(make_problem, eps_levels, lrs, delays, seeds, steps, tick) -> dict:
         pool_size=pool,
         overflow="raise",
         on_run=tick,
-        executor="events",  # the staleness below replays this executor's event log
     )
     stale = event_staleness(
         dasgd_lib.dasgd(num_nodes=n, learning_rate=lrs[0]),

@@ -136,7 +136,6 @@ def reproduce(quick: bool = False, progress: bool = True) -> common.Report:
             record_every=every,
             overflow="raise",
             on_run=tick,
-            executor="events",  # the published tables' executor (its traces, bit for bit)
         )
         for (h, spec), trace in zip(runs, out):
             traces[label, h, _key(spec)] = trace
