@@ -15,8 +15,10 @@ Semantics (what differs from the simulator, and why):
 
 * **Asynchrony** is real: the operating system interleaves the workers. From an
   :class:`~jaxasync._src.asynchrony.Asynchrony` the runtime injects ``stragglers`` (a worker with
-  factor ``f`` idles ``(f - 1)`` times its measured step time after each step, still receiving
-  messages meanwhile), ``loss`` (a Bernoulli draw per message before it is sent, counted in ``lost``)
+  factor ``f`` sleeps ``(f - 1)`` times the CPU time of each step after it, like a processor ``f``
+  times slower: messages that arrive meanwhile wait until its next round, which handles them
+  before the next step; CPU time, unlike wall time, does not grow with the machine's load),
+  ``loss`` (a Bernoulli draw per message before it is sent, counted in ``lost``)
   and ``crashes`` (``{node: seconds}``: the parent SIGKILLs that worker at that wall-clock time).
   ``compute_time`` and ``delay`` describe simulated time and are ignored here.
 * **Messages** are never dropped for lack of room: a sender whose mailbox is full drains its own

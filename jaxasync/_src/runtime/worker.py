@@ -53,6 +53,7 @@ STATUS_READY, STATUS_RUNNING, STATUS_DONE = 1, 2, 3
 # Idle back-off: sleep this long (doubling up to the max) when a loop iteration did nothing.
 _IDLE_MIN, _IDLE_MAX = 20e-6, 1e-3
 _SYNC_EVERY = 32
+_STRAGGLE_SLICE = 5e-3  # a sleeping straggler looks at report requests and the stop flag this often
 BATCH = 8  # messages of one channel handled by one compiled call when several are waiting
 
 
@@ -697,7 +698,6 @@ class Worker:
         ctrl, row, counters = self.ctrl, self.row, self.counters
         limit = ctrl.load(LIMIT)
         messages = bool(self.channel_names)
-        busy_until = 0.0
         stepping = True
         idle = _IDLE_MIN
         rounds = 0
@@ -711,21 +711,25 @@ class Worker:
             self.maybe_report()
             if ctrl.load(STOP):
                 return
-            if stepping and self.ready and (busy_until == 0.0 or time.perf_counter() >= busy_until):
+            if stepping and self.ready:
                 counters.store(row + C_BUSY, 1)
                 claim = ctrl.fetch_add(CLAIMED, 1)
                 if limit >= 0 and claim >= limit:
                     counters.store(row + C_BUSY, 0)
                     stepping = False
                     self._out_of_steps()
+                elif self.straggler != 1.0:
+                    self.jax.block_until_ready(self.state)  # queued receives are not this step's work
+                    c0 = time.process_time()
+                    self.do_step(self.local_steps)
+                    work = time.process_time() - c0
+                    counters.store(row + C_BUSY, 0)
+                    self.publish_counters(full=messages)
+                    if not self._straggle((self.straggler - 1.0) * work):
+                        return
+                    did = True
                 else:
-                    if self.straggler != 1.0:
-                        t0 = time.perf_counter()
-                        self.do_step(self.local_steps)
-                        t1 = time.perf_counter()
-                        busy_until = t1 + (self.straggler - 1.0) * (t1 - t0)
-                    else:
-                        self.do_step(self.local_steps)
+                    self.do_step(self.local_steps)
                     counters.store(row + C_BUSY, 0)
                     did = True
             if did:
@@ -736,6 +740,22 @@ class Worker:
                 self.publish_counters()
                 time.sleep(idle)
                 idle = min(2 * idle, _IDLE_MAX)
+
+    def _straggle(self, seconds: float) -> bool:
+        """A straggler's extra time after a step: ``seconds`` (its factor minus one, times the CPU
+        time the step took, so the slow-down does not grow with the machine's load) spent like a
+        slower processor would spend them, busy with the step: messages wait in the mailboxes
+        until its next round (which handles them before stepping, batched); it still answers
+        report requests and the stop flag every few ms. Returns False if the run is stopping."""
+        end = time.perf_counter() + seconds
+        while True:
+            left = end - time.perf_counter()
+            if left <= 0:
+                return True
+            time.sleep(min(left, _STRAGGLE_SLICE))
+            self.maybe_report()
+            if self.ctrl.load(STOP):
+                return False
 
     def _replay(self) -> None:
         ev = self.events
