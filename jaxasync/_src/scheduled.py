@@ -45,6 +45,7 @@ from jaxasync._src import simulator
 
 PyTree = Any
 _NO_RANK = np.iinfo(np.int32).max  # padding of the per-node event tables
+RANK, KIND, SRC, SLOT, JOB = range(5)  # the columns of Schedule.events
 
 
 def why_not_oblivious(program: program_lib.NodeProgram, static) -> str | None:
@@ -67,14 +68,14 @@ def why_not_oblivious(program: program_lib.NodeProgram, static) -> str | None:
 class Schedule(NamedTuple):
     """Every node's events, drawn up front (one simulation; leading seed axis when batched).
 
-    The per-node tables are ``[n, L]``, a node's events in rank order, padded with rank ``_NO_RANK``.
+    The per-node tables hold a node's events in rank order, padded with rank ``_NO_RANK``. An event's
+    integer fields sit side by side (one gather per round reads them all): ``events[..., RANK]`` is
+    its position in the global time order, ``KIND`` 0 for a job and ``1 + c`` for a delivery on
+    channel ``c``, ``SRC`` and ``SLOT`` a delivery's sender and the sender's out-slot, ``JOB`` the
+    job's index at its node (for a delivery: the sending job's).
     """
 
-    rank: jax.Array  # int32 [n, L]: position in the global time order
-    kind: jax.Array  # int32 [n, L]: 0 job, 1 + c delivery on channel c
-    src: jax.Array  # int32 [n, L]: sender of a delivery
-    slot: jax.Array  # int32 [n, L]: the sender's out-slot of a delivery
-    job: jax.Array  # int32 [n, L]: the job's index at its node (for a delivery: the sender's job)
+    events: jax.Array  # int32 [n, L, 5]
     time: jax.Array  # float32 [n, L]
     lost: tuple  # per channel: bool [n, K, m], the network's loss draw of every potential message
     cuts: jax.Array  # int32 [B]: rank of the last event before each barrier
@@ -173,10 +174,8 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
     row = jnp.where(owner_g < n, owner_g, n)  # invalid events fall off the table (mode="drop")
 
     def table(values, fill):
-        out = jnp.full((n, L), fill, values.dtype)
+        out = jnp.broadcast_to(fill, (n, L, *values.shape[1:])).astype(values.dtype)
         return out.at[row, pos].set(values[by_node], mode="drop")
-
-    rank_t = table(rank, _NO_RANK)
 
     # The ring depth: a payload must survive until its delivery's barrier, while its sender goes on.
     job_rank = jnp.where(job_ok, _job_ranks(ev, valid, rank, n, K), _NO_RANK)
@@ -186,12 +185,9 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
     is_delivery = valid & (ev["kind"] > 0)
     ring_needed = jnp.max(jnp.where(is_delivery, sender_jobs_by_cut - ev["job"], 1)).astype(jnp.int32)
 
+    fields = jnp.stack([rank, ev["kind"], ev["src"], ev["slot"], ev["job"]], axis=1)
     return Schedule(
-        rank=rank_t,
-        kind=table(ev["kind"], 0),
-        src=table(ev["src"], 0),
-        slot=table(ev["slot"], 0),
-        job=table(ev["job"], 0),
+        events=table(fields, jnp.asarray([_NO_RANK, 0, 0, 0, 0], jnp.int32)),
         time=table(ev["time"], jnp.inf),
         lost=tuple(lost_draws),
         cuts=cuts,
@@ -223,8 +219,8 @@ def _job_ranks(ev, valid, rank, n: int, K: int) -> jax.Array:
 class _Ring(NamedTuple):
     """One channel's payloads in flight: ``depth`` entries per (sender, out-slot), indexed job % depth."""
 
-    job: jax.Array  # int32 [n, m, depth]: the job that wrote the entry (-1: none)
-    seq: jax.Array  # int32 [n, m, depth]: the message's sequence number, -1 if the job did not send
+    tags: jax.Array  # int32 [n, m, depth, 2]: the job that wrote the entry (-1: none) and the
+    #                  message's sequence number (-1 if the job did not send on the edge)
     payload: PyTree  # leaves [n, m, depth, ...]
 
 
@@ -249,8 +245,7 @@ def _init_carry(static, params, seed, depth: int) -> _Carry:
         m = static.out_tables[ci].shape[1]
         rings.append(
             _Ring(
-                job=jnp.full((n, m, depth), -1, jnp.int32),
-                seq=jnp.full((n, m, depth), -1, jnp.int32),
+                tags=jnp.full((n, m, depth, 2), -1, jnp.int32),
                 payload=jax.tree.map(
                     lambda t: jnp.zeros((n, m, depth, *jnp.shape(t)), jnp.result_type(t)),
                     static.payloads[ci],
@@ -289,12 +284,10 @@ def _round(static, params, k_events, sched: Schedule, carry: _Carry, end, parall
     program, problem = static.program, static.problem
     n, nc = static.n, len(static.channel_names)
     nodes = jnp.arange(n, dtype=jnp.int32)
-    depth = carry.rings[0].job.shape[2]
-    at = jnp.minimum(carry.next, sched.rank.shape[1] - 1)[:, None]
-    rank, kind, src, slot, job, time = (
-        jnp.take_along_axis(a, at, axis=1)[:, 0]
-        for a in (sched.rank, sched.kind, sched.src, sched.slot, sched.job, sched.time)
-    )
+    depth = carry.rings[0].tags.shape[2]
+    at = jnp.minimum(carry.next, sched.time.shape[1] - 1)
+    rank, kind, src, slot, job = sched.events[nodes, at].T
+    time = sched.time[nodes, at]
     is_job = kind == 0
     ready = (carry.next < end) & (is_job | (carry.jobs_done[src] > job))
     if not parallel:  # the reference order: only the globally earliest event
@@ -303,8 +296,8 @@ def _round(static, params, k_events, sched: Schedule, carry: _Carry, end, parall
     msgs, sent_msg = [], []
     w = job % depth
     for ci, ring in enumerate(carry.rings):
-        entry_seq = ring.seq[src, slot, w]
-        sent_msg.append((kind == 1 + ci) & (ring.job[src, slot, w] == job) & (entry_seq >= 0))
+        entry_job, entry_seq = ring.tags[src, slot, w].T
+        sent_msg.append((kind == 1 + ci) & (entry_job == job) & (entry_seq >= 0))
         in_slot = jnp.asarray(static.dst_slots[ci])[src, slot]
         msgs.append(
             program_lib.Message(in_slot, entry_seq, jax.tree.map(lambda p: p[src, slot, w], ring.payload))
@@ -335,34 +328,43 @@ def _round(static, params, k_events, sched: Schedule, carry: _Carry, end, parall
 
     # A job's messages wait in its ring entry until their deliveries come up.
     sends = ready & is_job
-    rings, seq, c = list(carry.rings), carry.seq, carry.counters
+    rings, counts, seq_step = [], [], []
     for ci, (ring, ob) in enumerate(zip(carry.rings, outboxes)):
-        table = jnp.asarray(static.out_tables[ci])
-        mask = ob.mask & (table >= 0) & sends[:, None]
+        mask = ob.mask & (jnp.asarray(static.out_tables[ci]) >= 0) & sends[:, None]
         lost = sched.lost[ci][nodes, jnp.minimum(job, sched.lost[ci].shape[1] - 1)] & mask
         entry = jnp.where(sends, w, depth)  # nodes without a job write nowhere (mode="drop")
-        rings[ci] = _Ring(
-            job=ring.job.at[nodes, :, entry].set(job[:, None], mode="drop"),
-            seq=ring.seq.at[nodes, :, entry].set(jnp.where(mask, seq[ci][:, None], -1), mode="drop"),
-            payload=jax.tree.map(
-                lambda p, x: p.at[nodes, :, entry].set(x.astype(p.dtype), mode="drop"),
-                ring.payload,
-                ob.payload,
-            ),
+        tags = jnp.stack(
+            [jnp.broadcast_to(job[:, None], mask.shape), jnp.where(mask, carry.seq[ci][:, None], -1)], -1
         )
-        nsent = jnp.sum(mask).astype(jnp.int32)
-        seq = seq.at[ci].add(jnp.any(mask, axis=1).astype(jnp.int32))
-        c = c._replace(
-            sent=c.sent.at[ci].add(nsent),
-            lost=c.lost.at[ci].add(jnp.sum(lost).astype(jnp.int32)),
-            bytes_sent=c.bytes_sent.at[ci].add(nsent * static.payload_bytes[ci]),
-            delivered=c.delivered.at[ci].add(jnp.sum(ready & sent_msg[ci] & alive).astype(jnp.int32)),
-            dropped=c.dropped.at[ci].add(jnp.sum(ready & sent_msg[ci] & ~alive).astype(jnp.int32)),
+        rings.append(
+            _Ring(
+                tags=ring.tags.at[nodes, :, entry].set(tags, mode="drop"),
+                payload=jax.tree.map(
+                    lambda p, x: p.at[nodes, :, entry].set(x.astype(p.dtype), mode="drop"),
+                    ring.payload,
+                    ob.payload,
+                ),
+            )
         )
+        got = ready & sent_msg[ci]
+        counts.append(
+            jnp.stack([jnp.sum(mask), jnp.sum(lost), jnp.sum(got & alive), jnp.sum(got & ~alive)]).astype(
+                jnp.int32
+            )
+        )
+        seq_step.append(jnp.any(mask, axis=1))
+    sent, lost, delivered, dropped = jnp.stack(counts, axis=1)  # each [C]
+    c = carry.counters
     c = c._replace(
         events=c.events + jnp.sum(ready & (is_job | delivery)).astype(jnp.int32),
         steps=c.steps + sends.astype(jnp.int32),
+        sent=c.sent + sent,
+        lost=c.lost + lost,
+        delivered=c.delivered + delivered,
+        dropped=c.dropped + dropped,
+        bytes_sent=c.bytes_sent + sent * jnp.asarray(static.payload_bytes, jnp.float32),
     )
+    seq = carry.seq + jnp.stack(seq_step).astype(jnp.int32)
     return carry._replace(
         states=states,
         next=carry.next + ready.astype(jnp.int32),
@@ -411,7 +413,7 @@ def run(
     k_events = jax.random.fold_in(simulator.root_keys(seed, static.key_impl)[1], 2)
 
     def barrier(carry, b):
-        end = jnp.sum(sched.rank <= sched.cuts[b], axis=1).astype(jnp.int32)
+        end = jnp.sum(sched.events[..., RANK] <= sched.cuts[b], axis=1).astype(jnp.int32)
 
         def work(carry):
             return jnp.any(carry.next < end)
