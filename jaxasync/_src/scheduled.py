@@ -14,9 +14,11 @@ identity: its minibatch and handler keys are ``fold_in(k, rank)``, so the result
 order in which independent events are applied.
 
 Phase 2 (:func:`run`) gives each node its own events in rank order and repeats *one dataflow round*:
-every node whose next event is ready applies it, all nodes at once under ``vmap``. A job is always
-ready; a delivery is ready once its sender has completed the job that sent it (its payload waits in a
-small per-edge ring, ``ring`` entries deep). Each node applies its events in the same order as a
+a stage per channel, then a job stage; in each stage every node whose next event is of that kind and
+ready applies it, all nodes at once under ``vmap``. A job is always ready; a delivery is ready once its
+sender has completed the job that sent it (its payload waits in a small per-edge ring). How many
+events a round applies is bounded by causality: on a 16-node directed ring with delays half a job
+long, about 12 (R-FAST). Each node applies its events in the same order as a
 one-event-at-a-time simulation and each handler sees the same inputs, so the final states equal those
 of the sequential order exactly (``parallel=False`` applies the globally earliest event alone, one per
 round: the reference the tests compare against). Rounds stop at barriers (every ``window`` jobs and at
@@ -280,59 +282,89 @@ def _init_carry(static, params, seed, depth: int) -> _Carry:
 
 
 def _round(static, params, k_events, sched: Schedule, carry: _Carry, end, parallel: bool) -> _Carry:
-    """One dataflow round: every node whose next event (before ``end``) is ready applies it."""
-    program, problem = static.program, static.problem
-    n, nc = static.n, len(static.channel_names)
-    nodes = jnp.arange(n, dtype=jnp.int32)
-    depth = carry.rings[0].tags.shape[2]
+    """One dataflow round: a stage per channel, then a job stage.
+
+    In each stage every node whose next event (before ``end``) is of the stage's kind and ready
+    applies it, so a node can apply a delivery per channel and a job in one round, always in its own
+    event order. Every stage runs one handler on all nodes at once (no batched ``switch``, which
+    would run every handler for every node).
+    """
+    chosen = None
+    if not parallel:  # the reference order: one event per round, the globally earliest ready one
+        rank, kind, src, job, _ = _next(sched, carry)
+        ready = (carry.next < end) & ((kind == 0) | (carry.jobs_done[src] > job))
+        chosen = jnp.min(jnp.where(ready, rank, _NO_RANK))
+    for ci in range(len(static.channel_names)):
+        carry = _delivery_stage(static, params, sched, carry, end, ci, chosen)
+    return _job_stage(static, params, k_events, sched, carry, end, chosen)
+
+
+def _next(sched: Schedule, carry: _Carry):
+    """Each node's next event: ``(rank, kind, src, job, slot)`` and its time."""
+    n = carry.next.shape[0]
     at = jnp.minimum(carry.next, sched.time.shape[1] - 1)
-    rank, kind, src, slot, job = sched.events[nodes, at].T
-    time = sched.time[nodes, at]
-    is_job = kind == 0
-    ready = (carry.next < end) & (is_job | (carry.jobs_done[src] > job))
-    if not parallel:  # the reference order: only the globally earliest event
-        ready &= rank == jnp.min(jnp.where(ready, rank, _NO_RANK))
-
-    msgs, sent_msg = [], []
-    w = job % depth
-    for ci, ring in enumerate(carry.rings):
-        entry_job, entry_seq = ring.tags[src, slot, w].T
-        sent_msg.append((kind == 1 + ci) & (entry_job == job) & (entry_seq >= 0))
-        in_slot = jnp.asarray(static.dst_slots[ci])[src, slot]
-        msgs.append(
-            program_lib.Message(in_slot, entry_seq, jax.tree.map(lambda p: p[src, slot, w], ring.payload))
-        )
-    delivery = functools.reduce(jnp.logical_or, sent_msg, jnp.zeros((n,), bool))
-    alive = time < params["crash_times"]
-    handled = ready & (is_job | (delivery & alive))
-
-    def node_event(state, node, kind, msgs, rank):
-        k_batch, k_handler = jax.random.split(jax.random.fold_in(k_events, rank))
-
-        def job_branch(state, msgs):
-            del msgs  # a job reads no message
-            state, emit = program.step(state, problem.grad_fn, problem.sample(k_batch, node), k_handler)
-            return state, _outboxes(static, emit)
-
-        def receive_branch(ci, state, msgs):
-            state, _ = program.receive[static.channel_names[ci]](state, msgs[ci])
-            return state, _outboxes(static, None)
-
-        branches = [job_branch] + [functools.partial(receive_branch, ci) for ci in range(nc)]
-        return jax.lax.switch(kind, branches, state, msgs)
-
-    new_states, outboxes = jax.vmap(node_event)(carry.states, nodes, kind, tuple(msgs), rank)
-    states = jax.tree.map(
-        lambda a, b: jnp.where(handled.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new_states, carry.states
+    fields = sched.events[jnp.arange(n), at]
+    return (
+        fields[:, RANK],
+        fields[:, KIND],
+        fields[:, SRC],
+        fields[:, JOB],
+        (fields[:, SLOT], sched.time[jnp.arange(n), at]),
     )
 
-    # A job's messages wait in its ring entry until their deliveries come up.
-    sends = ready & is_job
+
+def _delivery_stage(static, params, sched: Schedule, carry: _Carry, end, ci: int, chosen) -> _Carry:
+    """Nodes whose next event is a delivery on channel ``ci`` of a sent message receive it."""
+    program = static.program
+    rank, kind, src, job, (slot, time) = _next(sched, carry)
+    ready = (carry.next < end) & (kind == 1 + ci) & (carry.jobs_done[src] > job)
+    if chosen is not None:
+        ready &= rank == chosen
+    ring = carry.rings[ci]
+    w = job % ring.tags.shape[2]
+    entry_job, entry_seq = ring.tags[src, slot, w].T
+    sent = ready & (entry_job == job) & (entry_seq >= 0)  # a delivery of a message never sent is skipped
+    alive = time < params["crash_times"]
+    msg = program_lib.Message(
+        jnp.asarray(static.dst_slots[ci])[src, slot],
+        entry_seq,
+        jax.tree.map(lambda p: p[src, slot, w], ring.payload),
+    )
+    receive = program.receive[static.channel_names[ci]]
+    new_states = jax.vmap(lambda st, m: receive(st, m)[0])(carry.states, msg)
+    c = carry.counters
+    c = c._replace(
+        events=c.events + jnp.sum(sent).astype(jnp.int32),
+        delivered=c.delivered.at[ci].add(jnp.sum(sent & alive).astype(jnp.int32)),
+        dropped=c.dropped.at[ci].add(jnp.sum(sent & ~alive).astype(jnp.int32)),
+    )
+    return carry._replace(
+        states=_where(sent & alive, new_states, carry.states),
+        next=carry.next + ready.astype(jnp.int32),
+        counters=c,
+    )
+
+
+def _job_stage(static, params, k_events, sched: Schedule, carry: _Carry, end, chosen) -> _Carry:
+    """Nodes whose next event is a job run it; its messages wait in the rings for their deliveries."""
+    program, problem = static.program, static.problem
+    nodes = jnp.arange(static.n, dtype=jnp.int32)
+    rank, kind, _, job, _ = _next(sched, carry)
+    ready = (carry.next < end) & (kind == 0)
+    if chosen is not None:
+        ready &= rank == chosen
+
+    def job_event(state, node, rank):
+        k_batch, k_handler = jax.random.split(jax.random.fold_in(k_events, rank))
+        state, emit = program.step(state, problem.grad_fn, problem.sample(k_batch, node), k_handler)
+        return state, _outboxes(static, emit)
+
+    new_states, outboxes = jax.vmap(job_event)(carry.states, nodes, rank)
     rings, counts, seq_step = [], [], []
     for ci, (ring, ob) in enumerate(zip(carry.rings, outboxes)):
-        mask = ob.mask & (jnp.asarray(static.out_tables[ci]) >= 0) & sends[:, None]
+        mask = ob.mask & (jnp.asarray(static.out_tables[ci]) >= 0) & ready[:, None]
         lost = sched.lost[ci][nodes, jnp.minimum(job, sched.lost[ci].shape[1] - 1)] & mask
-        entry = jnp.where(sends, w, depth)  # nodes without a job write nowhere (mode="drop")
+        entry = jnp.where(ready, job % ring.tags.shape[2], ring.tags.shape[2])  # else: dropped write
         tags = jnp.stack(
             [jnp.broadcast_to(job[:, None], mask.shape), jnp.where(mask, carry.seq[ci][:, None], -1)], -1
         )
@@ -346,33 +378,30 @@ def _round(static, params, k_events, sched: Schedule, carry: _Carry, end, parall
                 ),
             )
         )
-        got = ready & sent_msg[ci]
-        counts.append(
-            jnp.stack([jnp.sum(mask), jnp.sum(lost), jnp.sum(got & alive), jnp.sum(got & ~alive)]).astype(
-                jnp.int32
-            )
-        )
+        counts.append(jnp.stack([jnp.sum(mask), jnp.sum(lost)]).astype(jnp.int32))
         seq_step.append(jnp.any(mask, axis=1))
-    sent, lost, delivered, dropped = jnp.stack(counts, axis=1)  # each [C]
+    sent, lost = jnp.stack(counts, axis=1)  # each [C]
     c = carry.counters
     c = c._replace(
-        events=c.events + jnp.sum(ready & (is_job | delivery)).astype(jnp.int32),
-        steps=c.steps + sends.astype(jnp.int32),
+        events=c.events + jnp.sum(ready).astype(jnp.int32),
+        steps=c.steps + ready.astype(jnp.int32),
         sent=c.sent + sent,
         lost=c.lost + lost,
-        delivered=c.delivered + delivered,
-        dropped=c.dropped + dropped,
         bytes_sent=c.bytes_sent + sent * jnp.asarray(static.payload_bytes, jnp.float32),
     )
-    seq = carry.seq + jnp.stack(seq_step).astype(jnp.int32)
     return carry._replace(
-        states=states,
+        states=_where(ready, new_states, carry.states),
         next=carry.next + ready.astype(jnp.int32),
-        jobs_done=carry.jobs_done + sends.astype(jnp.int32),
-        seq=seq,
+        jobs_done=carry.jobs_done + ready.astype(jnp.int32),
+        seq=carry.seq + jnp.stack(seq_step).astype(jnp.int32),
         rings=tuple(rings),
         counters=c,
     )
+
+
+def _where(mask, new, old):
+    """Per node (leading axis): ``new`` where ``mask``, else ``old``."""
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
 def _outboxes(static, emit) -> tuple:
