@@ -62,12 +62,16 @@ def _row(j, x):
 
 
 def thread_env(parent_platform: str | None) -> dict:
-    """Environment for a child: one XLA / BLAS thread (set before the child imports jax)."""
+    """Environment for a child: one XLA / BLAS thread (set before the child imports jax).
+
+    XLA:CPU runs a program's operations on an intra-op thread pool of one thread per core unless
+    ``NPROC`` says otherwise (the pool's size is read from it, then from the CPU count). With two
+    threads a worker's Hogwild! step on the bench's MLP cost ~30% more CPU (handing work between
+    the threads) and one worker used 1.4 cores, which two workers on two cores cannot.
+    """
     env = {
-        "XLA_FLAGS": (
-            os.environ.get("XLA_FLAGS", "")
-            + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        ).strip(),
+        "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip(),
+        "NPROC": "1",
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
