@@ -110,3 +110,17 @@ def test_errors():
         False,
         False,
     ]
+
+
+def test_counting_permutation_equals_jax_permutation():
+    """The sort-free permutation draws JAX's permutation, bit for bit, for default and unrolled keys."""
+    from jaxasync._src import threefry
+    from jaxasync._src.assignment import permutation
+
+    for impl in (None, threefry.KEY_IMPL):
+        keys = jax.random.split(jax.random.key(3, impl=impl), 300)
+        for n in (1, 2, 7, 16, 64):
+            want = jax.vmap(lambda k, n=n: jax.random.permutation(k, n))(keys)
+            got = jax.jit(jax.vmap(lambda k, n=n: permutation(k, n)))(keys)
+            np.testing.assert_array_equal(got, want)
+            assert got.dtype == jnp.int32
