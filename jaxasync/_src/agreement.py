@@ -59,15 +59,37 @@ def _row_mask(mask, values: jax.Array) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * (values.ndim - 1))
 
 
+def _masked_rows(values, mask, fill) -> list:
+    """The rows of ``values`` (an ``[m, ...]`` array or a sequence of ``m`` arrays), ``fill`` where
+    the bool ``[m]`` mask is false (all rows if None)."""
+    rows = list(values)
+    held = jnp.ones(len(rows), bool) if mask is None else jnp.asarray(mask, dtype=bool)
+    if held.shape != (len(rows),):
+        raise ValueError(f"mask has shape {held.shape}, values have {len(rows)} rows.")
+    return [jnp.where(h, r, fill) for h, r in zip(held, rows)]
+
+
+def _fold_rows(op, rows) -> jax.Array:
+    """``op`` folded over the rows (of an array, or a sequence of arrays) in index order, unrolled:
+    XLA:CPU reduces a short leading axis of long rows as a strided loop ~50x slower than the
+    elementwise chain it is unrolled into (as in `mixing.sum_slots`)."""
+    rows = list(rows)
+    out = rows[0]
+    for row in rows[1:]:
+        out = op(out, row)
+    return out
+
+
 def box(values, mask=None) -> tuple[jax.Array, jax.Array]:
     """Coordinate-wise bounding box ``(lo, hi)`` of the masked rows of ``values``.
 
     Args:
-      values: ``[m, ...]``.
+      values: ``[m, ...]``, or a sequence of ``m`` arrays of one shape (rows read from different
+        places are reduced where they lie, with no pass to stack them first).
       mask: optional bool ``[m]``.
 
     Returns:
-      ``(lo, hi)`` of shape ``values.shape[1:]``; ``(+inf, -inf)`` for an empty
+      ``(lo, hi)`` of the shape of one row; ``(+inf, -inf)`` for an empty
       mask, the neutral element of a union.
 
     Example:
@@ -75,9 +97,10 @@ def box(values, mask=None) -> tuple[jax.Array, jax.Array]:
       >>> lo.tolist(), hi.tolist()
       ([0.0, 1.0], [2.0, 5.0])
     """
-    values = jnp.asarray(values)
-    m = _row_mask(mask, values)
-    return (jnp.min(jnp.where(m, values, jnp.inf), axis=0), jnp.max(jnp.where(m, values, -jnp.inf), axis=0))
+    return (
+        _fold_rows(jnp.minimum, _masked_rows(values, mask, jnp.inf)),
+        _fold_rows(jnp.maximum, _masked_rows(values, mask, -jnp.inf)),
+    )
 
 
 def box_midpoint(los, his, mask=None) -> jax.Array:
@@ -89,11 +112,12 @@ def box_midpoint(los, his, mask=None) -> jax.Array:
     over the held boxes ``b``, coordinate-wise.
 
     Args:
-      los, his: ``[k, ...]`` lower and upper corners of ``k`` boxes.
+      los, his: ``[k, ...]`` lower and upper corners of ``k`` boxes (or sequences of ``k`` arrays,
+        as in `box`).
       mask: optional bool ``[k]``, the boxes held.
 
     Returns:
-      The midpoint, shape ``los.shape[1:]`` (NaN if no box is held).
+      The midpoint, shape of one corner (NaN if no box is held).
     """
     lo, _ = box(los, mask)
     _, hi = box(his, mask)
@@ -103,11 +127,15 @@ def box_midpoint(los, his, mask=None) -> jax.Array:
 def average(values, mask=None) -> jax.Array:
     """The averaging rule: mean of the masked rows (keeps convex-hull validity, contracts slower).
 
-    Returns NaN for an empty mask.
+    Args:
+      values: ``[m, ...]``, or a sequence of ``m`` arrays of one shape (as in `box`).
+      mask: optional bool ``[m]``.
+
+    Returns:
+      The mean, shape of one row (NaN for an empty mask).
     """
-    values = jnp.asarray(values)
-    m = _row_mask(mask, values)
-    return jnp.sum(jnp.where(m, values, 0), axis=0) / jnp.sum(m, axis=0)
+    rows = _masked_rows(values, mask, 0)
+    return _fold_rows(jnp.add, rows) / (len(rows) if mask is None else jnp.sum(jnp.asarray(mask, bool)))
 
 
 def has_quorum(held_cluster_mask, cluster_sizes, rule: str = "processes") -> jax.Array:
