@@ -29,6 +29,18 @@ def test_box_midpoint_average():
         agreement.box(values, jnp.ones(2, bool))
 
 
+def test_rows_given_as_a_sequence_equal_the_stacked_array():
+    values = jax.random.normal(jax.random.key(0), (4, 3, 2))
+    mask = jnp.array([True, False, True, True])
+    rows = [values[k] for k in range(4)]
+    for fn in (agreement.box, agreement.average):
+        np.testing.assert_array_equal(jax.jit(fn)(rows, mask), fn(values, mask))
+    np.testing.assert_array_equal(agreement.box_midpoint(rows, rows), agreement.box_midpoint(values, values))
+    np.testing.assert_allclose(agreement.average(rows), jnp.mean(values, axis=0), rtol=1e-6)
+    with pytest.raises(ValueError, match="mask has shape"):
+        agreement.average(rows, jnp.ones(3, bool))
+
+
 def test_diameter_inside_box_rounds():
     values = jnp.array([[0.0, 5.0], [2.0, 1.0], [9.0, 9.0]])
     assert float(jax.jit(agreement.diameter_linf)(values)) == 9.0
