@@ -116,7 +116,6 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
     cols = dict(
         time=[jnp.where(job_ok, job_time, jnp.inf).ravel()],
         origin=[jnp.where(job_ok, job_time, jnp.inf).ravel()],
-        sub=[jnp.zeros((n * K,), jnp.int32)],
         node=[nodes.ravel()],
         kind=[jnp.zeros((n * K,), jnp.int32)],
         src=[nodes.ravel()],
@@ -137,7 +136,6 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
         shape = (n, K, m)
         cols["time"].append(jnp.where(ok, job_time[:, :, None] + delay, jnp.inf).ravel())
         cols["origin"].append(jnp.broadcast_to(job_time[:, :, None], shape).ravel())
-        cols["sub"].append(jnp.full((n * K * m,), 1 + ci, jnp.int32))
         cols["node"].append(jnp.broadcast_to(table[:, None, :], shape).ravel())
         cols["kind"].append(jnp.full((n * K * m,), 1 + ci, jnp.int32))
         cols["src"].append(jnp.broadcast_to(nodes[:, :, None], shape).ravel())
@@ -147,11 +145,11 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
     total = cols["time"].shape[0]
 
     # The global order is the event executor's: by time, deliveries before jobs on ties, except that a
-    # message never precedes the job that sent it (zero delay). Sorting by the time of the job an
-    # event comes from, then its node, then job before deliveries, gives exactly that.
-    order = jnp.lexsort(
-        (jnp.arange(total, dtype=jnp.int32), cols["sub"], cols["src"], cols["origin"], cols["time"])
-    )
+    # message never precedes the job that sent it (zero delay). A stable sort by time, then the time
+    # and node of the job an event comes from, gives exactly that: the columns list jobs before
+    # deliveries (channel by channel).
+    iota = jnp.arange(total, dtype=jnp.int32)
+    order = jax.lax.sort((cols["time"], cols["origin"], cols["src"], iota), num_keys=3, is_stable=True)[3]
     ev = {k: v[order] for k, v in cols.items()}
     valid = jnp.isfinite(ev["time"])
     count = jnp.sum(valid).astype(jnp.int32)
@@ -168,7 +166,7 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
 
     # Per-node tables: stable grouping by node keeps each node's events in rank order.
     owner = jnp.where(valid, ev["node"], n)
-    by_node = jnp.lexsort((rank, owner))
+    by_node = jax.lax.sort((owner, rank), num_keys=1, is_stable=True)[1]  # rank order within a node
     owner_g = owner[by_node]
     start = jnp.searchsorted(owner_g, jnp.arange(n + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
     L = _node_tables(static, K)
