@@ -237,6 +237,47 @@ def test_bad_input_fails_before_anything_is_spawned(make, match):
     assert multiprocessing.active_children() == []
 
 
+def test_messages_received_in_the_step_call_are_exact():
+    """An always-ready program whose receive handlers only update the state handles the waiting
+    messages in the step's compiled call: the same state, bit for bit, as handling them first
+    (in order, one batch per channel) and then stepping; a flood of more than one batch too."""
+    from jaxasync._src.runtime import worker as worker_lib
+
+    program, problem = _gossip(ja.topology.ring(3)), _problem(3)
+    layout = local._Layout(program, problem, 3, 0)
+    shared = local._create_shared(layout, transport_lib.ShmTransport, None)
+    try:
+        w = worker_lib.Worker(
+            program=program, problem=problem, node=1, n=3, seed=0, shared=shared, buffer_mode="atomic"
+        )
+        assert w.fused_fn is not None
+        rng = np.random.default_rng(0)
+
+        def inbox(count):
+            return [
+                transport_lib.Incoming(0, src, slot, k, rng.normal(size=3).astype(np.float32).view(np.uint8))
+                for k in range(count)
+                for src, slot in ((0, 0), (2, 1))
+            ]
+
+        for count in (1, 3, worker_lib.BATCH + 2):
+            msgs = inbox(count)
+            start = jax.tree.map(np.array, w.state)
+            w.pending.extend(msgs)
+            w.receive_pending()
+            w.do_step(7)
+            expected = jax.tree.map(np.array, w.state)
+            w.state = jax.tree.map(jnp.asarray, start)
+            w.pending.extend(msgs)
+            w.do_step(7)
+            assert not w.pending
+            jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, w.state), expected)
+        assert w.stats["delivered"] == 2 * 2 * (1 + 3 + worker_lib.BATCH + 2)
+        w.endpoint.close()
+    finally:
+        shared.close()
+
+
 # ------------------------------------------------------------------------- real runs
 
 
