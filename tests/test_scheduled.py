@@ -41,12 +41,11 @@ def _records(program, problem, asyn, steps, record_every, seeds=0, parallel=True
 FAULTS = ja.Asynchrony(delay=ja.exponential(0.7), loss=0.2, crashes={2: 15.0}, stragglers={4: 3.0})
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_parallel_rounds_equal_the_sequential_order(window):
+def test_parallel_rounds_equal_the_sequential_order():
     """Nodes applying their events side by side end exactly where one event at a time ends."""
     problem = _problem()
-    par = _records(_rfast(), problem, FAULTS, 300, 30, window=window)
-    seq = _records(_rfast(), problem, FAULTS, 300, 30, parallel=False, window=window)
+    par = _records(_rfast(), problem, FAULTS, 300, 30, window=7)  # barriers every 7 jobs
+    seq = _records(_rfast(), problem, FAULTS, 300, 30, parallel=False, window=7)
     for k in par:
         np.testing.assert_array_equal(par[k], seq[k], err_msg=k)
     assert par["events"][-1] > 300 and np.all(np.diff(par["loss"][:4]) < 0)
@@ -139,3 +138,14 @@ def test_sweep_runs_scheduled_programs_and_matches_simulate():
             np.testing.assert_array_equal(tr[k][1], one[k], err_msg=k)
         np.testing.assert_allclose(tr["loss"][1], one["loss"], rtol=1e-5)
     assert jax.tree.leaves(traces[0].metrics)  # records came back
+
+
+@pytest.mark.parametrize("name", ["dasgd", "sgp", "rfast_nonrobust"])
+def test_other_oblivious_programs_converge(name):
+    from jaxasync._src.algorithms import registry
+
+    program = registry.build(name, N, learning_rate=0.02)
+    asyn = ja.Asynchrony(delay=ja.exponential(0.3))
+    tr = ja.simulate(program, _problem(None), asyn, steps=600, record_every=60, executor="schedule")
+    assert np.mean(tr["gap"][-5:]) < 0.2 * tr["gap"][0], tr["gap"]  # DASGD's model wobbles: a mean
+    np.testing.assert_array_equal(tr["sent"], tr["lost"] + tr["delivered"] + tr["dropped"] + tr["in_flight"])
