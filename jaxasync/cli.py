@@ -131,6 +131,7 @@ _DEFAULTS = dict(
     option=None,
     seed=0,
     out="results",
+    executor="events",
 )
 
 
@@ -186,7 +187,9 @@ def _cmd_simulate(args) -> int:
         f"simulating {program.name} on {problem.name} ({problem.num_nodes} nodes, {args.steps} steps) ...",
         file=sys.stderr,
     )
-    trace = simulator.simulate(program, problem, _asynchrony(args), steps=args.steps, seed=args.seed)
+    trace = simulator.simulate(
+        program, problem, _asynchrony(args), steps=args.steps, seed=args.seed, executor=args.executor
+    )
     elapsed = time.time() - start
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"simulate_{program.name}_{args.problem}")
@@ -290,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="simulate an algorithm under controlled asynchrony")
     _add_training_args(sim, "--nodes")
+    sim.add_argument(
+        "--executor",
+        choices=["events", "schedule"],
+        default=None,
+        help="'schedule': draw the schedule up front and apply all nodes' events at once "
+        "(oblivious algorithms: rfast, dasgd, sgp)",
+    )
     sim.set_defaults(func=_cmd_simulate)
     run = sub.add_parser("run", help="train for real: one process per node on shared memory")
     _add_training_args(run, "--workers")

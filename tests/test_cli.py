@@ -54,6 +54,14 @@ def test_simulate_from_a_config_file(tmp_path):
     trace = json.loads((tmp_path / "simulate_asgrad_shuffled_least_squares.json").read_text())
     assert trace["metrics"]["steps"][-1] == 90
     assert trace["meta"]["asynchrony"]["compute_time"] == ["abs_normal", [1.0, 2.0, 3.0, 1.0]]
+    assert trace["meta"]["simulator"] == "events"
+
+
+def test_simulate_on_the_schedule_executor(tmp_path):
+    argv = ["simulate", "--algorithm", "rfast", "--nodes", "4", "--steps", "200", "--loss", "0.2"]
+    assert cli.main([*argv, "--executor", "schedule", "--out", str(tmp_path)]) == 0
+    trace = json.loads((tmp_path / "simulate_rfast_least_squares.json").read_text())
+    assert trace["meta"]["simulator"] == "schedule" and trace["metrics"]["steps"][-1] == 200
 
 
 def test_run_trains_for_real(tmp_path, capsys):
@@ -87,6 +95,7 @@ def test_run_trains_for_real(tmp_path, capsys):
         (["simulate", "--topology", "moebius", "--steps", "10"], "unknown topology"),
         (["simulate", "--straggler", "zero:5", "--steps", "10"], "NODE:VALUE"),
         (["simulate", "--option", "policy", "--steps", "10"], "KEY=VALUE"),
+        (["simulate", "--algorithm", "hogwild", "--executor", "schedule"], "cannot run on the schedule"),
     ],
 )
 def test_bad_input_is_named(argv, message, tmp_path):
