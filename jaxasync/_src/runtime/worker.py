@@ -424,10 +424,10 @@ class Worker:
         # per round instead of one per channel plus one. Exact: the handlers run first, in order,
         # and have no operations or messages to apply after them.
         self.fused_fn = None
-        quiet = all(
+        self.quiet = [
             self._receive_is_quiet(make_receive(c), state, ci) for ci, c in enumerate(self.channel_names)
-        )
-        if self.receive_many_fns and self.always_ready and self.straggler == 1.0 and quiet:
+        ]
+        if self.receive_many_fns and self.always_ready and self.straggler == 1.0 and all(self.quiet):
             many = [make_receive_many(c) for c in self.channel_names]
 
             def fused_fn(state, counter, slots, seqs, payloads, counts):
@@ -652,8 +652,11 @@ class Worker:
         )
         if not self.always_ready:  # reading it waits for the handler; otherwise it runs async
             self.ready = bool(ready)
-        self._after_ops_and_state(state, outbox, ops, step=False)
         self.stats["delivered"] += 1
+        if self.quiet[ci]:
+            self.state = state
+            return
+        self._after_ops_and_state(state, outbox, ops, step=False)
 
     def do_receive_many(self, ci: int, msgs: list) -> None:
         """Up to BATCH messages of channel ``ci`` in one compiled call."""
@@ -669,13 +672,15 @@ class Worker:
         )
         if not self.always_ready:
             self.ready = bool(ready)
-        outboxes, opss = self.jax.device_get((outboxes, opss))
         self.state = state
+        self.stats["delivered"] += k
+        if self.quiet[ci]:  # the handler emits nothing: no per-message work (and no wait)
+            return
+        outboxes, opss = self.jax.device_get((outboxes, opss))
         for j in range(k):
             pick = functools.partial(_row, j)
             self._apply_ops(self.jax.tree.map(pick, opss), count_staleness=False)
             self._send(self.jax.tree.map(pick, outboxes))
-        self.stats["delivered"] += k
 
     def receive_pending(self) -> bool:
         """Handles the messages drained so far (batched per channel); True if there were any."""
