@@ -82,11 +82,14 @@ def test_deterministic_timing_matches_the_event_executor():
         for k in ("events", "steps", "node_steps", "sent", "delivered", "time"):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
-    asyn = ja.Asynchrony(compute_time=ja.fixed([1.0, 2.0, 1.0, 1.5, 1.0, 1.0]), delay=ja.fixed(0.5))
-    a = ja.simulate(_rfast(), problem, asyn, steps=90, record_every=9, executor="events")
-    b = ja.simulate(_rfast(), problem, asyn, steps=90, record_every=9, executor="schedule")
-    np.testing.assert_array_equal(a["delivered"], b["delivered"])
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    # fixed delays; and jobs that take no time (a node's jobs and messages all at one instant)
+    for compute, delay in (([1.0, 2.0, 1.0, 1.5, 1.0, 1.0], 0.5), ([0.0, 1.0, 0.0, 2.0, 1.0, 0.5], 0.0)):
+        asyn = ja.Asynchrony(compute_time=ja.fixed(compute), delay=ja.fixed(delay))
+        a = ja.simulate(_rfast(), problem, asyn, steps=90, record_every=9, executor="events")
+        b = ja.simulate(_rfast(), problem, asyn, steps=90, record_every=9, executor="schedule")
+        for k in ("events", "node_steps", "delivered"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
 
 
 def test_seeds_batch_and_schedule_length_do_not_change_a_trace():

@@ -145,11 +145,12 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
     total = cols["time"].shape[0]
 
     # The global order is the event executor's: by time, deliveries before jobs on ties, except that a
-    # message never precedes the job that sent it (zero delay). A stable sort by time, then the time
-    # and node of the job an event comes from, gives exactly that: the columns list jobs before
+    # message never precedes the job that sent it (zero delay). A stable sort by time, then the time,
+    # node and index of the job an event comes from, gives exactly that: the columns list jobs before
     # deliveries (channel by channel).
     iota = jnp.arange(total, dtype=jnp.int32)
-    order = jax.lax.sort((cols["time"], cols["origin"], cols["src"], iota), num_keys=3, is_stable=True)[3]
+    keys = (cols["time"], cols["origin"], cols["src"], cols["job"])
+    order = jax.lax.sort((*keys, iota), num_keys=4, is_stable=True)[4]
     ev = {k: v[order] for k, v in cols.items()}
     valid = jnp.isfinite(ev["time"])
     count = jnp.sum(valid).astype(jnp.int32)
