@@ -8,6 +8,12 @@ the keys are ``fold_in(fold_in(key(seed), node), local_step)``); in *replay* mod
 (each worker waits for its turn on a shared counter and derives keys with
 :func:`~jaxasync._src.simulator.event_keys`).
 
+A free-mode worker runs rounds: the messages waiting now (batched per channel), then one step.
+For an always-ready program whose receive handlers only update the state (R-FAST, gossip), the
+waiting messages and the step run in one compiled call, and such handlers cost no per-message
+host work. A straggler sleeps after each step (see :mod:`.local`). Each worker has one XLA:CPU
+thread (:func:`thread_env`).
+
 The parent creates every shared segment; the worker attaches by name (:class:`Shared`) and never
 unlinks. Everything a worker reports goes through shared memory: counters in one ``AtomicArray`` row,
 its full state (raw bytes) in a ``Register`` when the parent asks for a report, and a formatted
