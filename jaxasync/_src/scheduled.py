@@ -232,8 +232,11 @@ class _Carry(NamedTuple):
     jobs_done: jax.Array  # int32 [n]
     seq: jax.Array  # int32 [C, n]
     rings: tuple
-    counters: simulator.Counters
+    tally: jax.Array  # int32 [4, C]: messages sent, lost, delivered, dropped (SENT, LOST, ...)
     shared: dict  # always empty (oblivious programs have no shared objects); read by the metrics
+
+
+SENT, LOST, DELIVERED, DROPPED = range(4)  # the rows of _Carry.tally
 
 
 def _init_carry(static, params, seed, depth: int) -> _Carry:
@@ -253,20 +256,6 @@ def _init_carry(static, params, seed, depth: int) -> _Carry:
                 ),
             )
         )
-    zc = jnp.zeros((nc,), jnp.int32)
-    counters = simulator.Counters(
-        events=jnp.int32(0),
-        steps=jnp.zeros((n,), jnp.int32),
-        sent=zc,
-        lost=zc,
-        delivered=zc,
-        dropped=zc,
-        overflow=zc,
-        bytes_sent=jnp.zeros((nc,), jnp.float32),
-        staleness_sum=jnp.float32(0),
-        staleness_max=jnp.int32(0),
-        updates=jnp.int32(0),
-    )
     del params  # the first jobs' times are in the schedule
     return _Carry(
         now=jnp.float32(0),
@@ -275,7 +264,7 @@ def _init_carry(static, params, seed, depth: int) -> _Carry:
         jobs_done=jnp.zeros((n,), jnp.int32),
         seq=jnp.zeros((nc, n), jnp.int32),
         rings=tuple(rings),
-        counters=counters,
+        tally=jnp.zeros((4, nc), jnp.int32),
         shared={},
     )
 
@@ -330,17 +319,16 @@ def _delivery_stage(static, params, sched: Schedule, carry: _Carry, end, ci: int
         jax.tree.map(lambda p: p[src, slot, w], ring.payload),
     )
     receive = program.receive[static.channel_names[ci]]
-    new_states = jax.vmap(lambda st, m: receive(st, m)[0])(carry.states, msg)
-    c = carry.counters
-    c = c._replace(
-        events=c.events + jnp.sum(sent).astype(jnp.int32),
-        delivered=c.delivered.at[ci].add(jnp.sum(sent & alive).astype(jnp.int32)),
-        dropped=c.dropped.at[ci].add(jnp.sum(sent & ~alive).astype(jnp.int32)),
-    )
+
+    def node_receive(state, msg, apply):
+        return _keep_unless(apply, receive(state, msg)[0], state)
+
+    states = jax.vmap(node_receive)(carry.states, msg, sent & alive)
+    got = jnp.stack([jnp.sum(sent & alive), jnp.sum(sent & ~alive)]).astype(jnp.int32)
     return carry._replace(
-        states=_where(sent & alive, new_states, carry.states),
+        states=states,
         next=carry.next + ready.astype(jnp.int32),
-        counters=c,
+        tally=carry.tally.at[DELIVERED:, ci].add(got),
     )
 
 
@@ -353,12 +341,12 @@ def _job_stage(static, params, k_events, sched: Schedule, carry: _Carry, end, ch
     if chosen is not None:
         ready &= rank == chosen
 
-    def job_event(state, node, rank):
+    def job_event(state, node, rank, apply):
         k_batch, k_handler = jax.random.split(jax.random.fold_in(k_events, rank))
-        state, emit = program.step(state, problem.grad_fn, problem.sample(k_batch, node), k_handler)
-        return state, _outboxes(static, emit)
+        new, emit = program.step(state, problem.grad_fn, problem.sample(k_batch, node), k_handler)
+        return _keep_unless(apply, new, state), _outboxes(static, emit)
 
-    new_states, outboxes = jax.vmap(job_event)(carry.states, nodes, rank)
+    states, outboxes = jax.vmap(job_event)(carry.states, nodes, rank, ready)
     rings, counts, seq_step = [], [], []
     for ci, (ring, ob) in enumerate(zip(carry.rings, outboxes)):
         mask = ob.mask & (jnp.asarray(static.out_tables[ci]) >= 0) & ready[:, None]
@@ -379,28 +367,21 @@ def _job_stage(static, params, k_events, sched: Schedule, carry: _Carry, end, ch
         )
         counts.append(jnp.stack([jnp.sum(mask), jnp.sum(lost)]).astype(jnp.int32))
         seq_step.append(jnp.any(mask, axis=1))
-    sent, lost = jnp.stack(counts, axis=1)  # each [C]
-    c = carry.counters
-    c = c._replace(
-        events=c.events + jnp.sum(ready).astype(jnp.int32),
-        steps=c.steps + ready.astype(jnp.int32),
-        sent=c.sent + sent,
-        lost=c.lost + lost,
-        bytes_sent=c.bytes_sent + sent * jnp.asarray(static.payload_bytes, jnp.float32),
-    )
     return carry._replace(
-        states=_where(ready, new_states, carry.states),
+        states=states,
         next=carry.next + ready.astype(jnp.int32),
         jobs_done=carry.jobs_done + ready.astype(jnp.int32),
         seq=carry.seq + jnp.stack(seq_step).astype(jnp.int32),
         rings=tuple(rings),
-        counters=c,
+        tally=carry.tally.at[:DELIVERED].add(jnp.stack(counts, axis=1)),
     )
 
 
-def _where(mask, new, old):
-    """Per node (leading axis): ``new`` where ``mask``, else ``old``."""
-    return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+def _keep_unless(apply, new, old):
+    """One node's ``new`` state if ``apply``, else ``old``. Selected inside the handler's trace, so a
+    leaf the handler leaves alone is ``select(apply, x, x)``, which XLA drops, and the others fuse
+    with the computation that produces them."""
+    return jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
 
 
 def _outboxes(static, emit) -> tuple:
@@ -466,9 +447,32 @@ def run(
     return jax.lax.scan(record, carry, jnp.arange(num_records + 1))
 
 
+class _Recorded(NamedTuple):
+    """What the event executor's metrics read from a carry."""
+
+    now: jax.Array
+    states: PyTree
+    shared: dict
+    counters: simulator.Counters
+
+
 def _metrics(static, carry: _Carry, params: dict) -> dict:
-    c = carry.counters
-    return simulator._metrics(static, carry, params, jnp.sum(c.sent - c.lost - c.delivered - c.dropped))
+    sent, lost, delivered, dropped = carry.tally
+    counters = simulator.Counters(
+        events=jnp.sum(carry.jobs_done) + jnp.sum(delivered) + jnp.sum(dropped),
+        steps=carry.jobs_done,
+        sent=sent,
+        lost=lost,
+        delivered=delivered,
+        dropped=dropped,
+        overflow=jnp.zeros_like(sent),  # rings are deep enough by construction
+        bytes_sent=sent * jnp.asarray(static.payload_bytes, jnp.float32),
+        staleness_sum=jnp.float32(0),  # no shared objects
+        staleness_max=jnp.int32(0),
+        updates=jnp.int32(0),
+    )
+    recorded = _Recorded(carry.now, carry.states, carry.shared, counters)
+    return simulator._metrics(static, recorded, params, jnp.sum(sent - lost - delivered - dropped))
 
 
 def plan(asynchrony, n: int, total_steps: int, record_every: int, window: int | None):
