@@ -217,7 +217,14 @@ def _cmd_simulate(args) -> int:
 
 
 _RUN_DEFAULTS = dict(
-    _DEFAULTS, algorithm="hogwild", problem="mlp", nodes=2, steps=20000, lr=0.05, batch_size=None
+    _DEFAULTS,
+    algorithm="hogwild",
+    problem="mlp",
+    nodes=2,
+    steps=20000,
+    lr=0.05,
+    batch_size=None,
+    buffer_mode="atomic",
 )
 
 
@@ -248,6 +255,7 @@ def _cmd_run(args) -> int:
         seed=args.seed,
         target_loss=args.target_loss,
         record_every=0.05,
+        buffer_mode=args.buffer_mode,
     )
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"run_{program.name}_{args.problem}")
@@ -268,10 +276,23 @@ def _cmd_run(args) -> int:
         ("staleness mean / max", f"{trace.final('staleness_mean'):.3g} / {trace.final('staleness_max'):.3g}"),
         ("messages sent / lost", f"{trace.final('sent'):g} / {trace.final('lost'):g}"),
         ("alive at the end", f"{trace.final('alive'):g}"),
+        *_lost_update_rows(trace.meta.get("lost_updates")),
         ("files", f"{stem}.json, {stem}.png"),
     ]
     print(_summary_table(rows))
     return 0
+
+
+def _lost_update_rows(lost: dict | None) -> list[tuple[str, str]]:
+    """A summary row per shared buffer whose lost updates were measured (racy / relaxed modes)."""
+    return [
+        (
+            f"lost updates ({name})",
+            f"{r['lost_fraction']:.3%} of the update mass "
+            f"(~{r['lost_element_updates']:.3g} of {r['element_updates']:.3g} element updates)",
+        )
+        for name, r in (lost or {}).items()
+    ]
 
 
 def _cmd_reproduce(args) -> int:
@@ -304,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="train for real: one process per node on shared memory")
     _add_training_args(run, "--workers")
     run.add_argument("--time-limit", type=float, default=None, help="wall-clock seconds")
+    run.add_argument(
+        "--buffer-mode",
+        choices=["atomic", "relaxed", "racy"],
+        default=None,
+        help="how shared buffers apply updates; racy and relaxed also measure the updates they lose",
+    )
     run.add_argument("--target-loss", type=float, default=None, help="stop at this loss")
     run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("reproduce", help="reproduce a paper's claim in the simulator")

@@ -76,16 +76,21 @@ def test_run_trains_for_real(tmp_path, capsys):
             "400",
             "--problem",
             "least_squares",
+            "--buffer-mode",
+            "racy",
             "--out",
             str(tmp_path),
         ]
     )
     assert code == 0
     trace = json.loads((tmp_path / "run_hogwild_least_squares.json").read_text())
-    assert trace["meta"]["executor"] == "local"
+    assert trace["meta"]["executor"] == "local" and trace["meta"]["buffer_mode"] == "racy"
     assert trace["metrics"]["steps"][-1] == 400
     loss = trace["metrics"]["loss"]
     assert loss[-1] < loss[0]
+    lost = trace["meta"]["lost_updates"]["params"]  # racy mode measures the updates it loses
+    assert lost["adds"] == 400 and 0 <= lost["lost_fraction"] < 0.5
+    assert "lost updates (params)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
