@@ -278,6 +278,45 @@ def test_messages_received_in_the_step_call_are_exact():
         shared.close()
 
 
+def test_newest_only_channels_skip_superseded_messages_exactly():
+    """R-FAST keeps the newest value per edge on both channels: a worker that skips every waiting
+    message a newer one from the same sender supersedes ends in the state, bit for bit, of one that
+    handles them all, and counts them all as delivered."""
+    from jaxasync._src.runtime import worker as worker_lib
+
+    ring = ja.topology.ring(3)
+    problem = _problem(3)
+    program = ja.algorithms.rfast(ring, ring, learning_rate=0.05)
+    assert [c.newest_only for c in program.channels.values()] == [True, True]
+    assert not ja.algorithms.rfast(ring, ring, learning_rate=0.05, robust=False).channels["sums"].newest_only
+    layout = local._Layout(program, problem, 3, 0)
+    shared = local._create_shared(layout, transport_lib.ShmTransport, None)
+    try:
+        w = worker_lib.Worker(
+            program=program, problem=problem, node=1, n=3, seed=0, shared=shared, buffer_mode="atomic"
+        )
+        rng = np.random.default_rng(0)
+        count = worker_lib.BATCH + 3  # a flood: more than one batch per edge
+        msgs = [
+            transport_lib.Incoming(ch, src, slot, k, rng.normal(size=3).astype(np.float32).view(np.uint8))
+            for k in range(count)
+            for ch in (0, 1)
+            for src, slot in ((0, 0), (2, 1))
+        ]
+        start = jax.tree.map(np.array, w.state)
+        states = []
+        for newest_only in ([False, False], [True, True]):
+            w.state, w.newest_only = jax.tree.map(jnp.asarray, start), newest_only
+            w.pending.extend(msgs)
+            w.do_step(3)
+            states.append(jax.tree.map(np.array, w.state))
+        jax.tree.map(np.testing.assert_array_equal, *states)
+        assert w.stats["delivered"] == 2 * len(msgs)
+        w.endpoint.close()
+    finally:
+        shared.close()
+
+
 # ------------------------------------------------------------------------- real runs
 
 

@@ -216,8 +216,9 @@ def rfast(
     push_out_mask = jnp.asarray(push.out_mask).reshape(n, -1)
     m_in_pull = pull.max_in_degree
     channels = {
-        "pull": program_lib.Channel(pull, program_lib.like_params),
-        "sums": program_lib.Channel(push, program_lib.like_params),
+        # Both channels keep the newest value per edge (the non-robust ablation adds increments).
+        "pull": program_lib.Channel(pull, program_lib.like_params, newest_only=True),
+        "sums": program_lib.Channel(push, program_lib.like_params, newest_only=robust),
     }
 
     def init(node, params, key):

@@ -283,6 +283,7 @@ class Worker:
             transport_lib.Codec(program_lib.resolve(program.channels[c].payload, problem.init_params))
             for c in self.channel_names
         ]
+        self.newest_only = [program.channels[c].newest_only for c in self.channel_names]
         self.seq = [0] * len(self.channel_names)
         self.pending = collections.deque()  # messages drained while blocked on a full mailbox
         self.stash = {}  # replay: (channel, src, seq) -> payload
@@ -619,13 +620,30 @@ class Worker:
         self._after_ops_and_state(state, outbox, ops, step=True)
         self.stats["steps"] = self.local_steps
 
+    def _take_pending(self) -> list:
+        """The drained messages, without those a newer waiting one makes redundant (channels
+        declared ``newest_only``: only the newest message of each edge changes the state). The
+        skipped ones arrived at a live node: they count as delivered."""
+        msgs = list(self.pending)
+        self.pending.clear()
+        if not any(self.newest_only):
+            return msgs
+        newest = {}
+        for m in msgs:
+            if self.newest_only[m.channel]:
+                key = (m.channel, m.src)
+                if key not in newest or m.seq > newest[key].seq:
+                    newest[key] = m
+        keep = [m for m in msgs if not self.newest_only[m.channel] or newest[(m.channel, m.src)] is m]
+        self.stats["delivered"] += len(msgs) - len(keep)
+        return keep
+
     def _step_with_inbox(self, counter: int):
         """The pending messages (the last BATCH of each channel; earlier ones first, batched) and
         the step, in one compiled call (see ``fused_fn`` in ``_build``)."""
         by_channel = collections.defaultdict(list)
-        for m in self.pending:
+        for m in self._take_pending():
             by_channel[m.channel].append(m)
-        self.pending.clear()
         nch = len(self.codecs)
         slots, seqs = np.zeros((nch, BATCH), np.int32), np.zeros((nch, BATCH), np.int32)
         counts = np.zeros(nch, np.int32)
@@ -692,8 +710,7 @@ class Worker:
         """Handles the messages drained so far (batched per channel); True if there were any."""
         if not self.pending:
             return False
-        msgs = list(self.pending)
-        self.pending.clear()
+        msgs = self._take_pending()
         if not self.receive_many_fns:
             for m in msgs:
                 self.do_receive(m)
