@@ -34,7 +34,12 @@ What keeps steps above the target on XLA:CPU (jax 0.10):
   compile with region analysis (``xla.jit``), which removes those copies.
 * XLA:CPU's loops move bytes slower than numpy's ``a -= b`` here: ~1.2-1.8x for the ``sgd`` row's
   single loop (exactly its bytes touched), 2-3x for the write-heavy payload loops of DASGD, AD-PSGD
-  and the cluster algorithm (whose XLA MB are within 1.2-1.6x of their bytes touched).
+  and the cluster algorithm (whose XLA MB are within 1.2x of their bytes touched). Those steps
+  write two bytes per byte read, into fresh output buffers (write-allocate), while the anchor
+  writes one byte in three in place: a 4 MB store costs ~2.5x a 4 MB load here.
+* A value that is two outputs (R-FAST's ``rho_tilde <- rho_hat``, its running sums in the state and
+  in the outbox, the given gradient kept as ``g``) is a whole-buffer copy, which XLA:CPU runs as one
+  single-threaded ``memcpy`` (1.2-1.6x the time of a two-thread loop over the same bytes).
 * ``sparsified_sgd``: exact top-k of 2^20 magnitudes has no bandwidth-speed primitive on XLA:CPU.
   The radix selection (`compression`) needs two scatter-add histograms (~0.5 ms each: a scatter
   runs one update at a time, and its index and ones arrays are materialized first) and a packing
