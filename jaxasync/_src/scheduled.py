@@ -3,9 +3,9 @@
 When a program's timing cannot depend on its iterates, the whole event schedule can be drawn before any
 handler runs, and events of different nodes can then be applied side by side. A program is *oblivious*
 when every node is always ready (no idle workers, no servers), no receive handler sends, and no node
-touches a shared object: R-FAST, DASGD, SGP and plain SGD are; AsGrad (the server picks who works
-next), Hogwild (one shared buffer) and the cluster algorithm are not and run on the event-by-event
-executor of :mod:`simulator`.
+touches a shared object: R-FAST, DASGD and SGP are; AsGrad (the server picks who works next),
+Hogwild (one shared buffer) and the cluster algorithm are not and run on the event-by-event executor
+of :mod:`simulator` (as does plain SGD, which sends nothing and gains nothing from a schedule).
 
 Phase 1 (:func:`draw_schedule`) draws every node's job completion times up front (``K`` potential jobs
 per node), every potential message's delay and loss, and sorts the resulting events by time
@@ -86,7 +86,7 @@ class Schedule(NamedTuple):
     short: jax.Array  # bool: some live node ran out of its K potential jobs before the last barrier
 
 
-def _node_tables(static, K: int) -> int:
+def _table_width(static, K: int) -> int:
     """``L``: the most events one node can have (its jobs plus its in-edges' messages)."""
     in_degree = np.zeros(static.n, np.int64)
     for table in static.out_tables:
@@ -170,7 +170,7 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
     by_node = jax.lax.sort((owner, rank), num_keys=1, is_stable=True)[1]  # rank order within a node
     owner_g = owner[by_node]
     start = jnp.searchsorted(owner_g, jnp.arange(n + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
-    L = _node_tables(static, K)
+    L = _table_width(static, K)
     pos = jnp.arange(total, dtype=jnp.int32) - start[jnp.minimum(owner_g, n)]
     row = jnp.where(owner_g < n, owner_g, n)  # invalid events fall off the table (mode="drop")
 
@@ -386,20 +386,8 @@ def _keep_unless(apply, new, old):
 
 def _outboxes(static, emit) -> tuple:
     """A job's outbox on every channel, in channel order (an empty one where it sends nothing)."""
-    emit = program_lib.Emit() if emit is None else emit
-    out = []
-    for ci, cname in enumerate(static.channel_names):
-        ob = emit.outbox.get(cname)
-        if ob is None:
-            m = static.out_tables[ci].shape[1]
-            ob = program_lib.Outbox(
-                jax.tree.map(
-                    lambda t: jnp.zeros((m, *jnp.shape(t)), jnp.result_type(t)), static.payloads[ci]
-                ),
-                jnp.zeros((m,), bool),
-            )
-        out.append(ob)
-    return tuple(out)
+    outbox, _ = simulator._normalize(static, emit, {})  # oblivious programs have no operations
+    return tuple(outbox[c] for c in static.channel_names)
 
 
 def run(
