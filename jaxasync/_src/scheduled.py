@@ -279,32 +279,36 @@ def _round(static, params, k_events, sched: Schedule, carry: _Carry, end, parall
     """
     chosen = None
     if not parallel:  # the reference order: one event per round, the globally earliest ready one
-        rank, kind, src, job, _ = _next(sched, carry)
-        ready = (carry.next < end) & ((kind == 0) | (carry.jobs_done[src] > job))
-        chosen = jnp.min(jnp.where(ready, rank, _NO_RANK))
+        e = _next(sched, carry)
+        ready = (carry.next < end) & ((e.kind == 0) | (carry.jobs_done[e.src] > e.job))
+        chosen = jnp.min(jnp.where(ready, e.rank, _NO_RANK))
     for ci in range(len(static.channel_names)):
         carry = _delivery_stage(static, params, sched, carry, end, ci, chosen)
     return _job_stage(static, params, k_events, sched, carry, end, chosen)
 
 
-def _next(sched: Schedule, carry: _Carry):
-    """Each node's next event: ``(rank, kind, src, job, slot)`` and its time."""
-    n = carry.next.shape[0]
+class _Next(NamedTuple):
+    """Each node's next event (fields ``[n]``; see :class:`Schedule`)."""
+
+    rank: jax.Array
+    kind: jax.Array
+    src: jax.Array
+    slot: jax.Array
+    job: jax.Array
+    time: jax.Array
+
+
+def _next(sched: Schedule, carry: _Carry) -> _Next:
+    nodes = jnp.arange(carry.next.shape[0])
     at = jnp.minimum(carry.next, sched.time.shape[1] - 1)
-    fields = sched.events[jnp.arange(n), at]
-    return (
-        fields[:, RANK],
-        fields[:, KIND],
-        fields[:, SRC],
-        fields[:, JOB],
-        (fields[:, SLOT], sched.time[jnp.arange(n), at]),
-    )
+    fields = sched.events[nodes, at]
+    return _Next(*(fields[:, col] for col in (RANK, KIND, SRC, SLOT, JOB)), sched.time[nodes, at])
 
 
 def _delivery_stage(static, params, sched: Schedule, carry: _Carry, end, ci: int, chosen) -> _Carry:
     """Nodes whose next event is a delivery on channel ``ci`` of a sent message receive it."""
     program = static.program
-    rank, kind, src, job, (slot, time) = _next(sched, carry)
+    rank, kind, src, slot, job, time = _next(sched, carry)
     ready = (carry.next < end) & (kind == 1 + ci) & (carry.jobs_done[src] > job)
     if chosen is not None:
         ready &= rank == chosen
@@ -336,7 +340,7 @@ def _job_stage(static, params, k_events, sched: Schedule, carry: _Carry, end, ch
     """Nodes whose next event is a job run it; its messages wait in the rings for their deliveries."""
     program, problem = static.program, static.problem
     nodes = jnp.arange(static.n, dtype=jnp.int32)
-    rank, kind, _, job, _ = _next(sched, carry)
+    rank, kind, _, _, job, _ = _next(sched, carry)
     ready = (carry.next < end) & (kind == 0)
     if chosen is not None:
         ready &= rank == chosen
