@@ -346,10 +346,9 @@ def test_pipelined_steps_are_exact_and_end_in_the_plain_loops_parameters():
     assert tr["steps"][-1] == steps and tr["node_steps"][-1].tolist() == [steps]
     assert tr["time"][-1] == np.float32(tr.meta["wall_time"])
     x = problem.init_params
-    base = jax.random.fold_in(jax.random.key(seed), 0)
-    for k in range(steps):  # the runtime's keys: fold_in(fold_in(key(seed), node), k), split
-        k_batch, _ = jax.random.split(jax.random.fold_in(base, k))
-        x = x - lr * problem.grad_fn(x, problem.sample(k_batch, 0))
+    batch_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), 0)  # node 0's
+    for k in range(steps):  # the runtime's minibatch keys: fold_in(batch_key, step)
+        x = x - lr * problem.grad_fn(x, problem.sample(jax.random.fold_in(batch_key, k), 0))
     np.testing.assert_allclose(tr["loss"][-1], problem.loss(x), rtol=1e-5)
 
 
