@@ -593,7 +593,8 @@ class _Session:
                 applied_mass=mass,
                 lost_mass=lost_mass,
                 lost_fraction=fraction,
-                lost_element_updates=fraction * elements,
+                # product first: exact for whole numbers (unit deltas), unlike fraction * elements
+                lost_element_updates=lost_mass * elements / mass if mass > 0 else 0.0,
                 max_abs_error=float(np.abs(lost).max(initial=0.0)),
                 # float32 rounding of the buffer alone can explain up to about this much (half an
                 # ulp of the larger of an element's initial and final value, per element update):

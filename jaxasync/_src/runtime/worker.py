@@ -328,15 +328,17 @@ class Worker:
     # ------------------------------------------------------------------ compiled handlers
 
     def _build(self, simulator_lib) -> None:
+        from jaxasync._src import threefry
+
         jax, jnp, P = self.jax, self.jnp, self.P
         program, problem, node = self.program, self.problem, self.node
         seed, replay = self.seed, self.events is not None
         node32 = jnp.int32(node)
         # A step's minibatch key is fold_in(batch_key, step) and its handler key fold_in(handler_key,
-        # step): one Threefry hash each per step (on XLA:CPU each is a loop costing ~10-20 us at
-        # the bench's size), and none for a handler that ignores its key. The two node keys are
-        # drawn once, here.
-        node_key = jax.random.fold_in(jax.random.key(seed), node32)
+        # step): one Threefry hash each per step, and none for a handler that ignores its key. The
+        # two node keys are drawn once, here, as unrolled-Threefry keys (JAX's bits, see
+        # jaxasync._src.threefry): on XLA:CPU JAX's own hash is a loop, ~10-20 us per hash.
+        node_key = jax.random.fold_in(jax.random.key(seed, impl=threefry.KEY_IMPL), node32)
         batch_key, handler_key = jax.random.fold_in(node_key, 0), jax.random.fold_in(node_key, 1)
         # Server nodes (after the data nodes) never step; clip like the simulator does.
         data_node = jnp.int32(min(node, problem.num_nodes - 1))
