@@ -887,12 +887,6 @@ def _executor(executor: str, program, problem, asynchrony) -> str:
         if why is not None:
             raise ValueError(f"{program.name} cannot run on the schedule-first executor: {why}")
     return executor
-    why = scheduled.why_not_oblivious(program, make_static(program, problem, asynchrony, 1))
-    if why is None:
-        return "schedule"
-    if executor == "schedule":
-        raise ValueError(f"{program.name} cannot run on the schedule-first executor: {why}")
-    return "events"
 
 
 def _seed_lists(seeds, num_runs: int) -> list[list[int]]:
