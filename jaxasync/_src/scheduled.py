@@ -84,22 +84,57 @@ class Schedule(NamedTuple):
     cut_time: jax.Array  # float32 [B]: its time
     ring_needed: jax.Array  # int32: the ring depth that holds every payload until it is delivered
     short: jax.Array  # bool: some live node ran out of its K potential jobs before the last barrier
+    # Collapsed channels (see `collapsed_channels`), one entry each: the sending job of the newest
+    # message each in-slot has received before a node's job k (``[n, K, m_in]``) and by each barrier
+    # (``[B, n, m_in]``), -1 if none; and the deliveries (row 0) and drops (row 1) by each barrier.
+    newest: tuple = ()
+    newest_by_cut: tuple = ()
+    received_by_cut: tuple = ()  # per collapsed channel: int32 [B, 2]
 
 
-def _table_width(static, K: int) -> int:
+def collapsed_channels(static, collapse: bool = True) -> tuple:
+    """The channels whose deliveries a node takes in with its next job instead of one by one.
+
+    A channel declared ``newest_only`` (its handler keeps the newest message per in-slot) can be
+    *collapsed*: before each job a node receives, per in-slot, only the newest message delivered
+    since its previous job, the one a sequential run would have kept. Its deliveries then leave the
+    per-node tables, so a round is one stage (receive the newest messages, run the job) and a node
+    waits only for the senders of the messages it keeps.
+    """
+    if not collapse:
+        return ()
+    return tuple(ci for ci, c in enumerate(static.channel_names) if static.program.channels[c].newest_only)
+
+
+def _in_edges(static, ci: int) -> tuple:
+    """Channel ``ci``'s in-slots: sender and sender's out-slot per ``[node, in-slot]`` (-1: padding)."""
+    out, dst = np.asarray(static.out_tables[ci]), np.asarray(static.dst_slots[ci])
+    m_in = int(dst[out >= 0].max()) + 1 if np.any(out >= 0) else 0
+    src = np.full((static.n, m_in), -1, np.int32)
+    slot = np.full((static.n, m_in), -1, np.int32)
+    for j, s in zip(*np.nonzero(out >= 0)):
+        src[out[j, s], dst[j, s]], slot[out[j, s], dst[j, s]] = j, s
+    return src, slot
+
+
+def _table_width(static, K: int, collapsed: tuple = ()) -> int:
     """``L``: the most events one node can have (its jobs plus its in-edges' messages)."""
     in_degree = np.zeros(static.n, np.int64)
-    for table in static.out_tables:
-        np.add.at(in_degree, table[table >= 0], 1)
+    for ci, table in enumerate(static.out_tables):
+        if ci not in collapsed:
+            np.add.at(in_degree, table[table >= 0], 1)
     return int(K * (1 + in_degree.max()))
 
 
-def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray) -> Schedule:
+def draw_schedule(
+    static, params: dict, seed, K: int, barrier_steps: np.ndarray, collapse: bool = True
+) -> Schedule:
     """Phase 1: draws and sorts every potential event of ``K`` jobs per node.
 
     ``barrier_steps`` (increasing) are job counts (summed over nodes) at which phase 2 stops all
     nodes; a barrier's cut is the rank of the job that reaches its count (the last event if the
-    schedule has fewer jobs: all nodes crashed).
+    schedule has fewer jobs: all nodes crashed). ``collapse``: collapse the ``newest_only``
+    channels (:func:`collapsed_channels`).
     """
     n, nc = static.n, len(static.channel_names)
     k_run = simulator.root_keys(seed, static.key_impl)[1]
@@ -165,12 +200,17 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
     final_time = jnp.where(targets[-1] <= jobs_before[-1], cut_time[-1], last)
     short = jnp.any(job_ok[:, -1] & (job_time[:, -1] <= final_time))
 
-    # Per-node tables: stable grouping by node keeps each node's events in rank order.
-    owner = jnp.where(valid, ev["node"], n)
+    # Per-node tables: stable grouping by node keeps each node's events in rank order. Deliveries
+    # on collapsed channels stay in the global order (ranks are event identities) but not in tables.
+    collapsed = collapsed_channels(static, collapse)
+    tabled = valid
+    for ci in collapsed:
+        tabled &= ev["kind"] != 1 + ci
+    owner = jnp.where(tabled, ev["node"], n)
     by_node = jax.lax.sort((owner, rank), num_keys=1, is_stable=True)[1]  # rank order within a node
     owner_g = owner[by_node]
     start = jnp.searchsorted(owner_g, jnp.arange(n + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
-    L = _table_width(static, K)
+    L = _table_width(static, K, collapsed)
     pos = jnp.arange(total, dtype=jnp.int32) - start[jnp.minimum(owner_g, n)]
     row = jnp.where(owner_g < n, owner_g, n)  # invalid events fall off the table (mode="drop")
 
@@ -183,8 +223,49 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
     jobs_by_cut = jax.vmap(lambda r: jnp.searchsorted(r, cuts, side="right"))(job_rank)  # [n, B]
     barrier = jnp.minimum(jnp.searchsorted(cuts, rank, side="left"), cuts.shape[0] - 1)
     sender_jobs_by_cut = jobs_by_cut[jnp.minimum(ev["src"], n - 1), barrier]
-    is_delivery = valid & (ev["kind"] > 0)
+    is_delivery = tabled & (ev["kind"] > 0)
     ring_needed = jnp.max(jnp.where(is_delivery, sender_jobs_by_cut - ev["job"], 1)).astype(jnp.int32)
+
+    # Collapsed channels: the newest message each in-slot holds before every job and at every cut.
+    # ``arrival[j, s, k]``: rank at which job k's message on j's out-slot s reaches a live receiver;
+    # its suffix minimum over k is nondecreasing, so the newest job whose message arrived before
+    # rank r is a binary search: (number of k with suffix_min[k] < r) - 1.
+    alive = ev["time"] < params["crash_times"][jnp.minimum(ev["node"], n - 1)]
+    job_barrier = jnp.minimum(jnp.searchsorted(cuts, job_rank, side="left"), cuts.shape[0] - 1)
+    newest, newest_by_cut, received_by_cut = [], [], []
+    for ci in collapsed:
+        m = static.out_tables[ci].shape[1]
+        mine = valid & (ev["kind"] == 1 + ci)
+        arrived = mine & alive
+        arrival = jnp.full((n, m, K), _NO_RANK, jnp.int32)
+        arrival = arrival.at[jnp.where(arrived, ev["src"], n), ev["slot"], ev["job"]].set(rank, mode="drop")
+        suffix = jax.lax.cummin(arrival, axis=2, reverse=True)
+        src, slot = (jnp.asarray(a) for a in _in_edges(static, ci))
+        per_slot = suffix[jnp.maximum(src, 0), jnp.maximum(slot, 0)]  # [n, m_in, K]
+        search = jax.vmap(jax.vmap(jnp.searchsorted, (0, None, None)), (0, 0, None))
+        before_job = search(per_slot, job_rank, "left") - 1  # [n, m_in, K]
+        by_cut = (
+            jax.vmap(jax.vmap(jnp.searchsorted, (0, None, None)), (0, None, None))(per_slot, cuts, "right")
+            - 1
+        )  # [n, m_in, B]
+        pad = (src < 0)[:, :, None]
+        before_job = jnp.where(pad, -1, before_job).astype(jnp.int32)
+        by_cut = jnp.where(pad, -1, by_cut).astype(jnp.int32)
+        # A payload must survive until the barrier after the last job (or cut) that reads it.
+        safe_src = jnp.maximum(src, 0)[:, :, None]
+        ahead = jnp.concatenate(
+            [
+                jobs_by_cut[safe_src, job_barrier[:, None, :]] - before_job,
+                jobs_by_cut[safe_src, jnp.arange(cuts.shape[0])] - by_cut,
+            ],
+            axis=2,
+        )
+        used = jnp.concatenate([(before_job >= 0) & (job_rank < _NO_RANK)[:, None, :], by_cut >= 0], axis=2)
+        ring_needed = jnp.maximum(ring_needed, jnp.max(jnp.where(used, ahead, 1)))
+        newest.append(jnp.swapaxes(before_job, 1, 2))
+        newest_by_cut.append(jnp.transpose(by_cut, (2, 0, 1)))
+        counts = jnp.cumsum(jnp.stack([arrived, mine & ~alive], axis=1), axis=0)  # rank order
+        received_by_cut.append(counts[jnp.maximum(cuts, 0)].astype(jnp.int32))
 
     fields = jnp.stack([rank, ev["kind"], ev["src"], ev["slot"], ev["job"]], axis=1)
     return Schedule(
@@ -193,8 +274,11 @@ def draw_schedule(static, params: dict, seed, K: int, barrier_steps: np.ndarray)
         lost=tuple(lost_draws),
         cuts=cuts,
         cut_time=cut_time,
-        ring_needed=ring_needed,
+        ring_needed=ring_needed.astype(jnp.int32),
         short=short,
+        newest=tuple(newest),
+        newest_by_cut=tuple(newest_by_cut),
+        received_by_cut=tuple(received_by_cut),
     )
 
 
@@ -234,12 +318,14 @@ class _Carry(NamedTuple):
     rings: tuple
     tally: jax.Array  # int32 [4, C]: messages sent, lost, delivered, dropped (SENT, LOST, ...)
     shared: dict  # always empty (oblivious programs have no shared objects); read by the metrics
+    held: tuple  # per collapsed channel: int32 [n, m_in], the sending job of the newest message taken in
+    unsent: jax.Array  # int32: newest messages of collapsed channels that their job did not send
 
 
 SENT, LOST, DELIVERED, DROPPED = range(4)  # the rows of _Carry.tally
 
 
-def _init_carry(static, params, seed, depth: int) -> _Carry:
+def _init_carry(static, params, seed, depth: int, collapsed: tuple) -> _Carry:
     program, n, nc = static.program, static.n, len(static.channel_names)
     node_keys, _ = simulator.init_keys(seed, n, static.key_impl)
     nodes = jnp.arange(n, dtype=jnp.int32)
@@ -266,11 +352,13 @@ def _init_carry(static, params, seed, depth: int) -> _Carry:
         rings=tuple(rings),
         tally=jnp.zeros((4, nc), jnp.int32),
         shared={},
+        held=tuple(jnp.full(_in_edges(static, ci)[0].shape, -1, jnp.int32) for ci in collapsed),
+        unsent=jnp.int32(0),
     )
 
 
 def _round(static, params, k_events, sched: Schedule, carry: _Carry, end, parallel: bool) -> _Carry:
-    """One dataflow round: a stage per channel, then a job stage.
+    """One dataflow round: a stage per (uncollapsed) channel, then a job stage.
 
     In each stage every node whose next event (before ``end``) is of the stage's kind and ready
     applies it, so a node can apply a delivery per channel and a job in one round, always in its own
@@ -282,9 +370,42 @@ def _round(static, params, k_events, sched: Schedule, carry: _Carry, end, parall
         e = _next(sched, carry)
         ready = (carry.next < end) & ((e.kind == 0) | (carry.jobs_done[e.src] > e.job))
         chosen = jnp.min(jnp.where(ready, e.rank, _NO_RANK))
+    collapsed = collapsed_channels(static, parallel)
     for ci in range(len(static.channel_names)):
-        carry = _delivery_stage(static, params, sched, carry, end, ci, chosen)
-    return _job_stage(static, params, k_events, sched, carry, end, chosen)
+        if ci not in collapsed:
+            carry = _delivery_stage(static, params, sched, carry, end, ci, chosen)
+    return _job_stage(static, params, k_events, sched, carry, end, chosen, collapsed)
+
+
+def _take_newest(static, carry: _Carry, collapsed: tuple, newest: tuple, apply):
+    """Every node (``apply [n]``) receives, per in-slot of each collapsed channel, the message of
+    sending job ``newest[c] [n, m_in]`` if it is newer than the one it holds (in-slot by in-slot:
+    their handlers keep the newest message per slot, so the order does not matter)."""
+    program = static.program
+    states, held, unsent = carry.states, list(carry.held), carry.unsent
+    for k, ci in enumerate(collapsed):
+        src, out_slot = _in_edges(static, ci)
+        ring, want = carry.rings[ci], newest[k]
+        entry = want % ring.tags.shape[2]
+        tags = ring.tags[jnp.asarray(src), jnp.asarray(out_slot), entry]  # [n, m_in, 2]
+        new = apply[:, None] & (want > held[k])
+        sent = new & (tags[..., 0] == want) & (tags[..., 1] >= 0)
+        unsent += jnp.sum(new & ~sent).astype(jnp.int32)
+        receive = program.receive[static.channel_names[ci]]
+        for q in range(src.shape[1]):
+            msg = program_lib.Message(
+                jnp.full((static.n,), q, jnp.int32),
+                tags[:, q, 1],
+                jax.tree.map(
+                    lambda p: p[jnp.asarray(src[:, q]), jnp.asarray(out_slot[:, q]), entry[:, q]],
+                    ring.payload,
+                ),
+            )
+            states = jax.vmap(lambda st, m, a: _keep_unless(a, receive(st, m)[0], st))(
+                states, msg, sent[:, q]
+            )
+        held[k] = jnp.where(new, want, held[k])
+    return carry._replace(states=states, held=tuple(held), unsent=unsent)
 
 
 class _Next(NamedTuple):
@@ -336,14 +457,27 @@ def _delivery_stage(static, params, sched: Schedule, carry: _Carry, end, ci: int
     )
 
 
-def _job_stage(static, params, k_events, sched: Schedule, carry: _Carry, end, chosen) -> _Carry:
-    """Nodes whose next event is a job run it; its messages wait in the rings for their deliveries."""
+def _job_stage(
+    static, params, k_events, sched: Schedule, carry: _Carry, end, chosen, collapsed: tuple = ()
+) -> _Carry:
+    """Nodes whose next event is a job run it; its messages wait in the rings for their deliveries.
+
+    On collapsed channels a job first takes in the newest message of each in-slot, so it is ready
+    once their senders have sent them.
+    """
     program, problem = static.program, static.problem
     nodes = jnp.arange(static.n, dtype=jnp.int32)
     rank, kind, _, _, job, _ = _next(sched, carry)
     ready = (carry.next < end) & (kind == 0)
     if chosen is not None:
         ready &= rank == chosen
+    newest = []
+    for k, ci in enumerate(collapsed):
+        want = sched.newest[k][nodes, jnp.minimum(job, sched.newest[k].shape[1] - 1)]  # [n, m_in]
+        src = jnp.asarray(np.maximum(_in_edges(static, ci)[0], 0))
+        ready &= jnp.all((want < 0) | (carry.jobs_done[src] > want), axis=1)
+        newest.append(want)
+    carry = _take_newest(static, carry, collapsed, newest, ready)
 
     def job_event(state, node, rank, apply):
         k_batch, k_handler = jax.random.split(jax.random.fold_in(k_events, rank))
@@ -410,7 +544,8 @@ def run(
     Record ``r`` is taken at barrier ``r * barriers_per_record - 1`` (record 0: the initial state).
     Under ``vmap(..., axis_name=axis_name)`` rounds go on while any simulation of the batch has work.
     """
-    carry = _init_carry(static, params, seed, depth)
+    collapsed = collapsed_channels(static, parallel)
+    carry = _init_carry(static, params, seed, depth, collapsed)
     k_events = jax.random.fold_in(simulator.root_keys(seed, static.key_impl)[1], 2)
 
     def barrier(carry, b):
@@ -427,7 +562,13 @@ def run(
         carry = jax.lax.while_loop(
             cond, lambda c: _round(static, params, k_events, sched, c, end, parallel), carry
         )
-        return carry._replace(now=jnp.maximum(carry.now, sched.cut_time[b]))
+        # The cut is consistent on collapsed channels too: every node takes in what reached it.
+        everyone = jnp.ones((static.n,), bool)
+        carry = _take_newest(static, carry, collapsed, [t[b] for t in sched.newest_by_cut], everyone)
+        tally = carry.tally
+        for k, ci in enumerate(collapsed):
+            tally = tally.at[DELIVERED:, ci].set(sched.received_by_cut[k][b])
+        return carry._replace(now=jnp.maximum(carry.now, sched.cut_time[b]), tally=tally)
 
     def record(carry, r):
         first = (r - 1) * barriers_per_record
@@ -491,7 +632,7 @@ def plan(asynchrony, n: int, total_steps: int, record_every: int, window: int | 
     return K, barrier_steps, per_record
 
 
-def draw(static, params: dict, seeds, *, K: int, barrier_steps: np.ndarray, total_steps: int):
+def draw(static, params: dict, seeds, *, K: int, barrier_steps: np.ndarray, total_steps: int, collapse=True):
     """Phase 1, compiled (``seeds``: an int, or a 1-D array run under ``vmap``); returns ``(sched, K)``.
 
     If a draw needs more than ``K`` potential jobs at some node (a slow spell of the others), ``K``
@@ -499,18 +640,19 @@ def draw(static, params: dict, seeds, *, K: int, barrier_steps: np.ndarray, tota
     """
     batched = np.ndim(seeds) == 1
     while True:
-        sched = _draw_fn(static, K, tuple(np.asarray(barrier_steps).tolist()), batched)(params, seeds)
+        barriers = tuple(np.asarray(barrier_steps).tolist())
+        sched = _draw_fn(static, K, barriers, batched, collapse)(params, seeds)
         if not np.any(jax.device_get(sched.short)) or K >= total_steps:
             return sched, K
         K = min(2 * K, total_steps)
 
 
 @functools.lru_cache(maxsize=32)
-def _draw_fn(static, K: int, barrier_steps: tuple, batched: bool):
+def _draw_fn(static, K: int, barrier_steps: tuple, batched: bool, collapse: bool):
     from jaxasync._src.xla import jit
 
     def fn(params, seed):
-        return draw_schedule(static, params, seed, K, np.asarray(barrier_steps, np.int32))
+        return draw_schedule(static, params, seed, K, np.asarray(barrier_steps, np.int32), collapse)
 
     return jit(jax.vmap(fn, (None, 0)) if batched else fn)
 
@@ -539,7 +681,9 @@ def records(
     num_records = -(-steps // record_every)
     total = num_records * record_every
     K, barrier_steps, per_record = plan(asynchrony, static.n, total, record_every, window)
-    sched, _ = draw(static, params, seeds, K=K, barrier_steps=barrier_steps, total_steps=total)
+    sched, _ = draw(
+        static, params, seeds, K=K, barrier_steps=barrier_steps, total_steps=total, collapse=parallel
+    )
     fn = functools.partial(
         run,
         static,
@@ -549,8 +693,23 @@ def records(
         barriers_per_record=per_record,
         parallel=parallel,
     )
-    _, out = jit(over_seeds(fn) if batched else fn)(seeds, sched)
+    carry, out = jit(over_seeds(fn) if batched else fn)(seeds, sched)
+    check_sent(static, carry)
     return jax.device_get(out)
+
+
+def check_sent(static, carry: _Carry) -> None:
+    """Raises if a collapsed channel's newest message was one its job did not send.
+
+    Collapsing assumes a ``newest_only`` channel's step sends on every out-edge (as R-FAST's do):
+    otherwise the newest message a node holds may be an older one, which the schedule cannot know.
+    """
+    if np.any(jax.device_get(carry.unsent) > 0):
+        names = [static.channel_names[ci] for ci in collapsed_channels(static)]
+        raise ValueError(
+            f"{static.program.name}: the schedule-first executor needs every step to send on every "
+            f"out-edge of its newest_only channels {names}, and a step did not; use executor='events'"
+        )
 
 
 _SEEDS = "seeds"
