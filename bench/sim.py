@@ -51,8 +51,8 @@ def _data(seed=0):
 # ----------------------------------------------------------------------------- numpy loops
 
 
-def rfast_loop(a, b, steps, lr, loss=0.1, delay=0.5, seed=0):
-    """R-FAST on a directed ring (pull = push graph, weights 1/2), one numpy update per event."""
+def rfast_loop(a, b, steps, gamma, loss=0.1, delay=0.5, seed=0):
+    """R-FAST on a directed ring (pull = push graph, weights 1/2, step gamma), one numpy update per event."""
     rng = np.random.default_rng(seed)
     n, m, d = a.shape
     x = np.zeros((n, d), np.float32)
@@ -74,7 +74,7 @@ def rfast_loop(a, b, steps, lr, loss=0.1, delay=0.5, seed=0):
             if s > last_rho[i]:
                 rho_hat[i], last_rho[i] = payload, s
             continue
-        x_plus = 0.5 * (x[i] - lr * z[i]) + 0.5 * v_hat[i]
+        x_plus = 0.5 * (x[i] - gamma * z[i]) + 0.5 * v_hat[i]
         idx = rng.integers(m, size=BATCH)
         ai = a[i, idx]
         g_plus = ai.T @ (ai @ x_plus - b[i, idx]) / BATCH
@@ -83,7 +83,7 @@ def rfast_loop(a, b, steps, lr, loss=0.1, delay=0.5, seed=0):
         z[i] = 0.5 * z_half
         rho_out[i] += 0.5 * z_half
         j = (i + 1) % n
-        for channel, value in (("pull", x_plus - lr * z[i]), ("sums", rho_out[i].copy())):
+        for channel, value in (("pull", x_plus - gamma * z[i]), ("sums", rho_out[i].copy())):
             if rng.random() >= loss:
                 heapq.heappush(heap, (t + rng.exponential(delay), counter, channel, j, seq[i], value))
                 counter += 1
@@ -188,12 +188,17 @@ def main(argv=None):
     print(f"device: {jax.devices()[0]}  n={N} d={D} batch={BATCH} steps={args.steps}", file=sys.stderr)
 
     rows = []
-    lr = 0.02
+    lr = 0.005  # converges in both implementations (0.02 diverges)
+    ring = ja.topology.directed_ring(N)
+    # the loop's gamma is R-FAST's learning_rate over its effective-step factor, as jaxasync does it
+    gamma = lr / ja.topology.effective_step_factor(
+        ja.topology.pull_weights(ring), ja.topology.push_weights(ring), kept_share=True
+    )
     cases = [
         (
             "R-FAST",
-            lambda: rfast_loop(a, b, args.steps, lr),
-            ja.algorithms.rfast(ja.topology.directed_ring(N), ja.topology.directed_ring(N), learning_rate=lr),
+            lambda: rfast_loop(a, b, args.steps, gamma),
+            ja.algorithms.rfast(ring, ring, learning_rate=lr),
             problem,
             ja.Asynchrony(delay=ja.exponential(0.5), loss=0.1),
         ),
