@@ -146,7 +146,9 @@ def _timed_simulate(program, problem, asynchrony, steps, seeds=None, executor="e
     params = simulator.make_params(asynchrony, n)
     if executor == "schedule":
         static = simulator.make_static(program, problem, asynchrony, None, unrolled_keys=True)
-        K, barriers, per_record = scheduled.plan(asynchrony, n, steps, steps, None)
+        K, barriers, per_record = scheduled.plan(
+            asynchrony, n, steps, steps, scheduled.default_window(static)
+        )
         compiled = {}
 
         def fn(arg):

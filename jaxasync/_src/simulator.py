@@ -1058,10 +1058,11 @@ def _sweep_scheduled(build, program, problem, specs, n: int, settings: dict, ret
 
     record_every = settings["record_every"]
     total = settings["num_records"] * record_every
-    plans = [scheduled.plan(spec, n, total, record_every, None) for spec in specs]
+    static = make_static(program, problem, specs[0], None, unrolled_keys=True)
+    window = scheduled.default_window(static)
+    plans = [scheduled.plan(spec, n, total, record_every, window) for spec in specs]
     K = max(p[0] for p in plans)
     _, barrier_steps, per_record = plans[0]
-    static = make_static(program, problem, specs[0], None, unrolled_keys=True)
 
     @functools.lru_cache(maxsize=8)
     def apply(depth: int):
