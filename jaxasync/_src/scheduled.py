@@ -16,14 +16,18 @@ order in which independent events are applied.
 Phase 2 (:func:`run`) gives each node its own events in rank order and repeats *one dataflow round*:
 a stage per channel, then a job stage; in each stage every node whose next event is of that kind and
 ready applies it, all nodes at once under ``vmap``. A job is always ready; a delivery is ready once its
-sender has completed the job that sent it (its payload waits in a small per-edge ring). How many
-events a round applies is bounded by causality: on a 16-node directed ring with delays half a job
-long, about 12 (R-FAST). Each node applies its events in the same order as a
-one-event-at-a-time simulation and each handler sees the same inputs, so the final states equal those
-of the sequential order exactly (``parallel=False`` applies the globally earliest event alone, one per
-round: the reference the tests compare against). Rounds stop at barriers (every ``window`` jobs and at
-every record), where all nodes have processed exactly the events up to the barrier's rank: metrics are
-taken on that consistent cut.
+sender has completed the job that sent it (its payload waits in a small per-edge ring). Channels
+declared ``newest_only`` are *collapsed* (:func:`collapsed_channels`): their deliveries get no stage;
+a job first takes in, per in-slot, the newest message delivered before it (known from the schedule),
+and waits only for that message's sender. How many events a round applies is bounded by causality:
+on a 16-node directed ring with delays half a job long, R-FAST (both channels collapsed) applies
+about 21 per round, against 12 with a stage per delivery. Each node applies its events in the same
+order as a one-event-at-a-time simulation (skipping, on collapsed channels, messages its handler
+would discard) and each handler sees the same inputs, so the final states equal those of the
+sequential order exactly (``parallel=False`` applies the globally earliest event alone, one per
+round, collapsing nothing: the reference the tests compare against). Rounds stop at barriers (every
+``window`` jobs and at every record), where all nodes have processed exactly the events up to the
+barrier's rank: metrics are taken on that consistent cut.
 
 A message is *sent* only if the job's outbox mask says so: the schedule holds every potential message
 and a delivery whose message was not sent is skipped. Losses, crashes (a node stops at its crash time;
