@@ -62,6 +62,27 @@ def test_same_seed_same_trace_bitwise():
     assert not np.array_equal(a["loss"], c["loss"])
 
 
+@pytest.mark.parametrize("executor", ["events", "schedule"])
+def test_a_second_call_reuses_the_compiled_simulation(executor):
+    """Same program and problem objects, another seed and loss rate: no new compile, and the same
+    trace as a cold cache gives."""
+    from jaxasync._src import scheduled, simulator
+
+    program, problem = _gossip(ja.topology.directed_ring(N)), _problem(N)
+    runs = simulator._compiled_run if executor == "events" else scheduled._compiled_run
+    kw = dict(steps=120, record_every=40, executor=executor)
+    ja.simulate(program, problem, ja.Asynchrony(loss=0.1), seed=1, **kw)
+    before = runs.cache_info()
+    warm = ja.simulate(program, problem, ja.Asynchrony(loss=0.3), seed=2, **kw)
+    after = runs.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    runs.cache_clear()
+    simulator._STATICS.clear()
+    cold = ja.simulate(program, problem, ja.Asynchrony(loss=0.3), seed=2, **kw)
+    for k in cold.metrics:
+        np.testing.assert_array_equal(warm[k], cold[k], err_msg=k)
+
+
 def test_converges_and_counts_messages_exactly():
     asyn = ja.Asynchrony(delay=ja.exponential(0.5), loss=0.3)
     tr = ja.simulate(_gossip(RING), _problem(N), asyn, steps=1000, seed=0)

@@ -696,8 +696,6 @@ def records(
 
     ``seeds`` is an int (one simulation) or a 1-D array (a leading seed axis, run under ``vmap``).
     """
-    from jaxasync._src.xla import jit
-
     batched = np.ndim(seeds) == 1
     seeds = jnp.asarray(seeds, jnp.int32)
     num_records = -(-steps // record_every)
@@ -708,18 +706,23 @@ def records(
     sched, _ = draw(
         static, params, seeds, K=K, barrier_steps=barrier_steps, total_steps=total, collapse=parallel
     )
-    fn = functools.partial(
-        run,
-        static,
-        params,
-        depth=ring_depth(sched),
-        num_records=num_records,
-        barriers_per_record=per_record,
-        parallel=parallel,
-    )
-    carry, out = jit(over_seeds(fn) if batched else fn)(seeds, sched)
+    fn = _compiled_run(static, ring_depth(sched), num_records, per_record, parallel, batched)
+    carry, out = fn(params, seeds, sched)
     check_sent(static, carry)
     return jax.device_get(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_run(static, depth: int, num_records: int, per_record: int, parallel: bool, batched: bool):
+    """:func:`run` compiled as ``(params, seed, sched) -> (carry, records)`` (seeds under ``vmap``)."""
+    from jaxasync._src.xla import jit
+
+    def one(params, seed, sched, axis_name=None):
+        return run(static, params, seed, sched, depth, num_records, per_record, parallel, axis_name)
+
+    if batched:
+        return jit(jax.vmap(functools.partial(one, axis_name=_SEEDS), (None, 0, 0), axis_name=_SEEDS))
+    return jit(one)
 
 
 def check_sent(static, carry: _Carry) -> None:

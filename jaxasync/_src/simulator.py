@@ -18,6 +18,7 @@ Crashes: a node stops at its crash time; its pending job never completes, messag
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import warnings
@@ -812,8 +813,10 @@ def simulate(
 ):
     """Simulates ``algorithm`` on ``problem`` under ``asynchrony`` and returns a :class:`Trace`.
 
-    Every call compiles anew (the program and the spec are baked into the compiled function); to
-    compare many step sizes or asynchrony specs, :func:`sweep` compiles once.
+    The compiled simulation is cached for the same ``algorithm`` and ``problem`` objects, the same
+    kinds of distributions and the same sizes: calling again with another seed, loss rate, scale or
+    crash time reuses it. To compare many step sizes (new programs) or specs in one compiled call,
+    use :func:`sweep`.
 
     Args:
       algorithm: a :class:`NodeProgram` (from :mod:`jaxasync.algorithms`).
@@ -849,7 +852,7 @@ def simulate(
     asynchrony = asynchrony or asynchrony_lib.Asynchrony()
     n, settings = _settings(algorithm, problem, steps, record_every, max_events)
     kind = _executor(executor, algorithm, problem, asynchrony)
-    static = make_static(
+    static = _cached_static(
         algorithm, problem, asynchrony, pool_size, unrolled_keys=seeds is not None or kind == "schedule"
     )
     params = make_params(asynchrony, n)
@@ -863,17 +866,49 @@ def simulate(
             asynchrony=asynchrony,
         )
     else:
-        fn = functools.partial(run, static, params, **settings)
-        if seeds is None:
-            _, records = jit(fn)(jnp.int32(seed))
-        else:
-            _, records = jit(over_seeds(fn))(jnp.asarray(seeds, jnp.int32))
+        fn = _compiled_run(static, tuple(settings.items()), seeds is not None)
+        _, records = fn(params, jnp.asarray(seed if seeds is None else seeds, jnp.int32))
         records = jax.device_get(records)
         _check_overflow(records, algorithm.name, "warn", stacklevel=2)
     seed = seed if seeds is None else list(map(int, seeds))
     meta = _meta(algorithm, problem, n, steps, settings["record_every"], asynchrony, seed)
     meta["simulator"] = kind
     return trace_lib.Trace(records, meta)
+
+
+_STATICS: collections.OrderedDict = collections.OrderedDict()  # the newest few, by object identity
+
+
+def _cached_static(program, problem, asynchrony, pool_size, unrolled_keys: bool) -> _Static:
+    """:func:`make_static`, the same object again for the same program and problem objects (so the
+    compiled functions keyed by it are reused). The entry holds both, so their ids stay theirs."""
+    key = (
+        id(program),
+        id(problem),
+        asynchrony.compute_time.kind,
+        asynchrony.delay.kind,
+        pool_size,
+        unrolled_keys,
+    )
+    static = _STATICS.get(key)
+    if static is None or static.program is not program or static.problem is not problem:
+        static = _STATICS[key] = make_static(program, problem, asynchrony, pool_size, unrolled_keys)
+        while len(_STATICS) > 8:
+            _STATICS.popitem(last=False)
+    _STATICS.move_to_end(key)
+    return static
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_run(static: _Static, settings: tuple, batched: bool):
+    """``run`` compiled as ``(params, seed) -> (carry, records)``; seeds under ``vmap`` if batched."""
+
+    def one(params, seed, axis_name=None):
+        return run(static, params, seed, **dict(settings), axis_name=axis_name)
+
+    if batched:
+        return jit(jax.vmap(functools.partial(one, axis_name=_SEEDS), (None, 0), axis_name=_SEEDS))
+    return jit(one)
 
 
 def _executor(executor: str, program, problem, asynchrony) -> str:
