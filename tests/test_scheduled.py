@@ -1,5 +1,6 @@
 """The schedule-first executor: same results as one event at a time, exact message accounting."""
 
+import dataclasses
 import functools
 
 import jax
@@ -123,6 +124,35 @@ def test_executor_choice_and_errors():
     with pytest.raises(ValueError, match="executor must be"):
         ja.simulate(_rfast(), problem, steps=30, executor="fast")
     assert ja.simulate(_rfast(), problem, steps=30).meta["simulator"] == "events"
+
+
+def _sometimes_silent(every):
+    """R-FAST whose pull channel sends only every ``every``-th step (still declared newest_only)."""
+    program = _rfast()
+    step = program.step
+
+    def quiet_step(state, grad_fn, batch, key):
+        new, emit = step(state, grad_fn, batch, key)
+        pull = emit.outbox["pull"]
+        speak = state.count % every == 0
+        outbox = dict(emit.outbox, pull=pull._replace(mask=pull.mask & speak))
+        return new, emit._replace(outbox=outbox)
+
+    return dataclasses.replace(program, step=quiet_step)
+
+
+def test_collapsing_needs_every_step_to_send():
+    """A newest_only channel that skips sends cannot be collapsed: a clear error, not a wrong trace."""
+    problem, asyn = _problem(), ja.Asynchrony(delay=ja.exponential(0.7))
+    with pytest.raises(ValueError, match="send on every out-edge of its newest_only channels"):
+        ja.simulate(_sometimes_silent(3), problem, asyn, steps=200, executor="schedule")
+    with pytest.raises(ValueError, match="send on every out-edge"):
+        ja.sweep(lambda h: _sometimes_silent(3), problem, [(0.1, asyn)], steps=200, executor="schedule")
+    # one event at a time there is nothing to collapse: the sequential order runs it
+    assert ja.simulate(_sometimes_silent(3), problem, asyn, steps=200).meta["simulator"] == "events"
+    np.testing.assert_array_equal(
+        *(_records(_sometimes_silent(1), problem, asyn, 200, 50, parallel=p)["loss"] for p in (True, False))
+    )
 
 
 def test_sweep_runs_scheduled_programs_and_matches_simulate():

@@ -708,7 +708,7 @@ def records(
     )
     fn = _compiled_run(static, ring_depth(sched), num_records, per_record, parallel, batched)
     carry, out = fn(params, seeds, sched)
-    check_sent(static, carry)
+    check_sent(static, carry.unsent)
     return jax.device_get(out)
 
 
@@ -725,13 +725,14 @@ def _compiled_run(static, depth: int, num_records: int, per_record: int, paralle
     return jit(one)
 
 
-def check_sent(static, carry: _Carry) -> None:
-    """Raises if a collapsed channel's newest message was one its job did not send.
+def check_sent(static, unsent) -> None:
+    """Raises if a collapsed channel's newest message was one its job did not send (``unsent``:
+    the final carry's count, per seed if batched).
 
     Collapsing assumes a ``newest_only`` channel's step sends on every out-edge (as R-FAST's do):
     otherwise the newest message a node holds may be an older one, which the schedule cannot know.
     """
-    if np.any(jax.device_get(carry.unsent) > 0):
+    if np.any(jax.device_get(unsent) > 0):
         names = [static.channel_names[ci] for ci in collapsed_channels(static)]
         raise ValueError(
             f"{static.program.name}: the schedule-first executor needs every step to send on every "

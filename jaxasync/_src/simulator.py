@@ -1114,7 +1114,7 @@ def _sweep_scheduled(build, program, problem, specs, n: int, settings: dict, ret
                     per_record,
                     axis_name=axis_name,
                 )
-                return (carry.states if return_states else None), records
+                return (carry.states if return_states else None), records, carry.unsent
 
             return scheduled.over_seeds(one)(seeds, sched)
 
@@ -1126,7 +1126,9 @@ def _sweep_scheduled(build, program, problem, specs, n: int, settings: dict, ret
         nonlocal K, depth
         sched, K = scheduled.draw(static, params, seeds, K=K, barrier_steps=barrier_steps, total_steps=total)
         depth = max(depth, scheduled.ring_depth(sched))
-        return apply(depth)(h, params, seeds, sched)
+        states, records, unsent = apply(depth)(h, params, seeds, sched)
+        scheduled.check_sent(static, unsent)
+        return states, records
 
     return many
 
