@@ -246,15 +246,13 @@ def draw_schedule(
         suffix = jax.lax.cummin(arrival, axis=2, reverse=True)
         src, slot = (jnp.asarray(a) for a in _in_edges(static, ci))
         per_slot = suffix[jnp.maximum(src, 0), jnp.maximum(slot, 0)]  # [n, m_in, K]
-        search = jax.vmap(jax.vmap(jnp.searchsorted, (0, None, None)), (0, 0, None))
-        before_job = search(per_slot, job_rank, "left") - 1  # [n, m_in, K]
-        by_cut = (
-            jax.vmap(jax.vmap(jnp.searchsorted, (0, None, None)), (0, None, None))(per_slot, cuts, "right")
-            - 1
-        )  # [n, m_in, B]
-        pad = (src < 0)[:, :, None]
-        before_job = jnp.where(pad, -1, before_job).astype(jnp.int32)
-        by_cut = jnp.where(pad, -1, by_cut).astype(jnp.int32)
+        search = jax.vmap(jax.vmap(jnp.searchsorted, (0, None, None)), (0, 0, None))  # per node, slot
+
+        def newest_before(ranks, side):  # ranks [n, R] -> [n, m_in, R]
+            return jnp.where((src < 0)[:, :, None], -1, search(per_slot, ranks, side) - 1).astype(jnp.int32)
+
+        before_job = newest_before(job_rank, "left")  # strictly before the job
+        by_cut = newest_before(jnp.broadcast_to(cuts, (n, cuts.shape[0])), "right")  # up to the cut
         # A payload must survive until the barrier after the last job (or cut) that reads it.
         safe_src = jnp.maximum(src, 0)[:, :, None]
         ahead = jnp.concatenate(
