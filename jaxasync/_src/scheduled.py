@@ -211,7 +211,7 @@ def draw_schedule(
     for ci in collapsed:
         tabled &= ev["kind"] != 1 + ci
     owner = jnp.where(tabled, ev["node"], n)
-    by_node = jax.lax.sort((owner, rank), num_keys=1, is_stable=True)[1]  # rank order within a node
+    by_node = _group_by_node(owner, n)  # rank order within a node
     owner_g = owner[by_node]
     start = jnp.searchsorted(owner_g, jnp.arange(n + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
     L = _table_width(static, K, collapsed)
@@ -282,6 +282,18 @@ def draw_schedule(
         newest_by_cut=tuple(newest_by_cut),
         received_by_cut=tuple(received_by_cut),
     )
+
+
+def _group_by_node(owner: jax.Array, n: int) -> jax.Array:
+    """A stable sort of positions by ``owner`` (in ``[0, n]``): each node's events in rank order.
+
+    Packed into one int32 key (``owner * total + position``, unique) when it fits: a sort of keys
+    alone is several times faster on XLA:CPU than a sort that carries the positions along.
+    """
+    total = owner.shape[0]
+    if (n + 1) * total < 2**31:
+        return jnp.sort(owner * total + jnp.arange(total, dtype=jnp.int32)) % total
+    return jax.lax.sort((owner, jnp.arange(total, dtype=jnp.int32)), num_keys=1, is_stable=True)[1]
 
 
 def _keys(key: jax.Array, index: jax.Array) -> jax.Array:
