@@ -21,6 +21,7 @@ from jaxasync._src.asynchrony import fixed as fixed
 from jaxasync._src.asynchrony import poisson as poisson
 from jaxasync._src.asynchrony import uniform as uniform
 from jaxasync._src.problem import Problem as Problem
+from jaxasync._src.program import BroadcastOutbox as BroadcastOutbox
 from jaxasync._src.program import Buffer as Buffer
 from jaxasync._src.program import BufferAdd as BufferAdd
 from jaxasync._src.program import BufferAddSparse as BufferAddSparse
@@ -65,6 +66,7 @@ __all__ = (
     "sparsify_update",
     "SparsifyState",
     "Asynchrony",
+    "BroadcastOutbox",
     "Buffer",
     "BufferAdd",
     "BufferAddSparse",

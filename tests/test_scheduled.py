@@ -42,11 +42,18 @@ def _records(program, problem, asyn, steps, record_every, seeds=0, parallel=True
 FAULTS = ja.Asynchrony(delay=ja.exponential(0.7), loss=0.2, crashes={2: 15.0}, stragglers={4: 3.0})
 
 
-def test_parallel_rounds_equal_the_sequential_order():
-    """Nodes applying their events side by side end exactly where one event at a time ends."""
+@pytest.mark.parametrize("graphs", ["directed_ring", "trees"])
+def test_parallel_rounds_equal_the_sequential_order(graphs):
+    """Nodes applying their events side by side (R-FAST's channels collapsed: one in-slot per node
+    on the directed ring, up to N - 1 at the trees' root) end exactly where one event at a time
+    ends."""
     problem = _problem()
-    par = _records(_rfast(), problem, FAULTS, 300, 30, window=7)  # barriers every 7 jobs
-    seq = _records(_rfast(), problem, FAULTS, 300, 30, parallel=False, window=7)
+    if graphs == "trees":
+        program = ja.algorithms.rfast(ja.topology.out_tree(N), ja.topology.in_tree(N), learning_rate=0.05)
+    else:
+        program = _rfast()
+    par = _records(program, problem, FAULTS, 300, 30, window=7)  # barriers every 7 jobs
+    seq = _records(program, problem, FAULTS, 300, 30, parallel=False, window=7)
     for k in par:
         np.testing.assert_array_equal(par[k], seq[k], err_msg=k)
     assert par["events"][-1] > 300 and np.all(np.diff(par["loss"][:4]) < 0)

@@ -37,7 +37,11 @@ The events of node ``i``:
 
 Communication is declared, not performed. A :class:`Channel` is a graph plus a payload template; a
 handler's :class:`Outbox` holds one payload per out-edge slot of the sending node (padded to the graph's
-maximum out-degree, in the order of ``graph.out_table``) and a send mask. Shared objects are declared
+maximum out-degree, in the order of ``graph.out_table``) and a send mask. A handler that sends the same
+payload on every slot it sends on returns a :class:`BroadcastOutbox` instead (one payload and the mask,
+see :func:`broadcast_outbox`): it means the per-slot outbox :func:`expand_outbox` makes of it, but the
+handler writes the payload once, and executors expand it only where they keep a copy per message.
+Executors check every outbox against its channel (:func:`check_outbox`). Shared objects are declared
 as :class:`Buffer` (one parameter pytree, Hogwild-style) or :class:`Registers` (each node owns ``slots``
 single-writer tagged registers) and are changed only through the operations a handler returns
 (:class:`BufferAdd`, :class:`BufferAddSparse`, :class:`RegisterWrite`).
@@ -78,8 +82,30 @@ class Outbox(NamedTuple):
     """Messages a handler sends on one channel: one payload per out-edge slot and a send mask.
 
     Attributes:
-      payload: pytree whose leaves have a leading axis of size ``graph.max_out_degree``.
+      payload: pytree like the channel's payload template whose leaves have an extra leading axis of
+        size ``graph.max_out_degree`` (1 if the graph has no edges): row ``k`` goes to out-slot ``k``.
       mask: bool ``[max_out_degree]``, True where a message is sent (padding slots must be False).
+    """
+
+    payload: PyTree
+    mask: jax.Array
+
+
+class BroadcastOutbox(NamedTuple):
+    """Messages a handler sends on one channel: the same payload on every out-edge slot of the mask.
+
+    It means the :class:`Outbox` whose payload is ``payload`` repeated on every slot
+    (:func:`expand_outbox`): receivers cannot tell the two apart. But the handler writes the payload
+    once, not once per slot, so a model-sized update to ``m`` neighbours costs one model-sized write
+    in the step. Executors expand it only where they store a copy per message (the simulator's
+    in-flight pool); a runtime encodes it once and sends the same bytes on every slot of the mask.
+    (A separate type rather than a flag on :class:`Outbox`: the form is part of the pytree
+    structure, so it stays static under ``jit``, ``vmap`` and ``scan``.)
+
+    Attributes:
+      payload: pytree like the channel's payload template (no slot axis).
+      mask: bool ``[max_out_degree]`` (1 if the graph has no edges), True on the out-slots the payload
+        is sent on (padding slots must be False).
     """
 
     payload: PyTree
@@ -292,6 +318,61 @@ def broadcast_outbox(channel: Channel, node: jax.Array, payload: PyTree, send=Tr
     mask = (table[node] >= 0) & send if table.shape[1] else jnp.zeros((m,), bool)
     payload = jax.tree.map(lambda x: jnp.broadcast_to(x, (m, *jnp.shape(x))), payload)
     return Outbox(payload, mask)
+
+
+def expand_outbox(outbox: Outbox | BroadcastOutbox) -> Outbox:
+    """The per-slot form of an outbox: a :class:`BroadcastOutbox`'s payload repeated on every slot.
+
+    An :class:`Outbox` is returned as it is. Executors call this only where they need one payload
+    per message (every executor's expansion is this one).
+    """
+    if isinstance(outbox, Outbox):
+        return outbox
+    slots = jnp.shape(outbox.mask)[0]
+    payload = jax.tree.map(lambda x: jnp.broadcast_to(x, (slots, *jnp.shape(x))), outbox.payload)
+    return Outbox(payload, outbox.mask)
+
+
+def check_outbox(outbox: Any, template: PyTree, max_out_degree: int, what: str) -> None:
+    """Raises TypeError naming ``what`` unless ``outbox`` fits a channel.
+
+    Args:
+      outbox: what a handler returned for the channel.
+      template: the channel's resolved payload template (see :func:`resolve`).
+      max_out_degree: the channel graph's maximum out-degree (an outbox has that many slots, or one
+        if it is 0).
+      what: names the handler and channel in the message.
+    """
+    if not isinstance(outbox, (Outbox, BroadcastOutbox)):
+        raise TypeError(f"{what}: expected an Outbox or a BroadcastOutbox, got {type(outbox).__name__}")
+    kind = type(outbox).__name__
+    mask_shape, mask_dtype = jnp.shape(outbox.mask), jnp.result_type(outbox.mask)
+    slots = mask_shape[0] if len(mask_shape) == 1 else -1
+    # A graph without edges: one dead slot (the form of empty_outbox), or none.
+    fits = slots == max_out_degree or (max_out_degree == 0 and slots == 1)
+    if not fits or mask_dtype != jnp.bool_:
+        raise TypeError(
+            f"{what}: {kind} mask must be bool [{max(max_out_degree, 1)}] (one entry per out-slot of "
+            f"the channel's graph), got {mask_dtype} {list(mask_shape)}"
+        )
+    ref_def, tree_def = jax.tree.structure(template), jax.tree.structure(outbox.payload)
+    if ref_def != tree_def:
+        raise TypeError(f"{what}: {kind} payload structure {tree_def} does not match the channel's {ref_def}")
+    paths = jax.tree_util.tree_leaves_with_path(outbox.payload)
+    for t, (path, x) in zip(jax.tree.leaves(template), paths):
+        one, got = tuple(jnp.shape(t)), tuple(jnp.shape(x))
+        want = one if isinstance(outbox, BroadcastOutbox) else (slots, *one)
+        if got == want:
+            continue
+        hint = ""
+        if isinstance(outbox, BroadcastOutbox) and got == (slots, *one):
+            hint = " (one payload per slot: that is an Outbox)"
+        elif isinstance(outbox, Outbox) and got == one:
+            hint = " (one payload for every slot: that is a BroadcastOutbox)"
+        raise TypeError(
+            f"{what}: {kind} payload leaf {jax.tree_util.keystr(path) or '(root)'} has shape {got}, "
+            f"expected {want} for the channel's payload {one}{hint}"
+        )
 
 
 def ravel_template(template: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:

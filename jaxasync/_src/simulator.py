@@ -203,19 +203,31 @@ def _op_templates(static: _Static, state_spec) -> dict:
 
 
 def _normalize(static: _Static, emit, op_templates: dict):
-    """Every channel's outbox and every shared object's operation, filling gaps with no-ops."""
+    """Every channel's outbox and every shared object's operation, filling gaps with no-ops.
+
+    Outboxes come out in the per-slot form (one payload per message, as the pools and the schedule
+    executor's rings store them): a :class:`~jaxasync._src.program.BroadcastOutbox` is checked
+    against its channel and expanded here, and only here.
+    """
     emit = program_lib.Emit() if emit is None else emit
+    undeclared = set(emit.outbox) - set(static.channel_names)
+    if undeclared:
+        raise ValueError(f"{static.program.name}: outbox on undeclared channel(s) {sorted(undeclared)}")
     outbox = {}
     for ci, cname in enumerate(static.channel_names):
         ob = emit.outbox.get(cname)
+        m = static.out_tables[ci].shape[1]
         if ob is None:
-            m = static.out_tables[ci].shape[1]
             ob = program_lib.Outbox(
                 jax.tree.map(
                     lambda t: jnp.zeros((m, *jnp.shape(t)), jnp.result_type(t)), static.payloads[ci]
                 ),
                 jnp.zeros((m,), bool),
             )
+        else:
+            what = f"{static.program.name}: outbox on channel {cname!r}"
+            program_lib.check_outbox(ob, static.payloads[ci], m, what)
+            ob = program_lib.expand_outbox(ob)
         outbox[cname] = ob
     ops = {}
     for name, spec in op_templates.items():
