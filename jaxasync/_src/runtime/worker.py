@@ -356,7 +356,15 @@ class Worker:
                         jnp.asarray(op.values).astype(jnp.float32).reshape(-1),
                     )
                 ops[name] = op
-            outbox = {k: v for k, v in dict(emit.outbox).items()}
+            outbox = {}
+            for k, ob in dict(emit.outbox).items():  # checked as the simulator checks them
+                if k not in program.channels:
+                    raise ValueError(f"{program.name}: outbox on undeclared channel {k!r}")
+                ch = program.channels[k]
+                template = P.resolve(ch.payload, problem.init_params)
+                what = f"{program.name}: outbox on channel {k!r}"
+                P.check_outbox(ob, template, ch.graph.max_out_degree, what)
+                outbox[k] = ob  # a BroadcastOutbox stays one payload: _send encodes it once
             return outbox, ops
 
         def step_fn(state, counter):
@@ -567,6 +575,8 @@ class Worker:
             self.seq[ci] += 1
             codec = self.codecs[ci]
             leaves = codec.host_leaves(ob.payload)
+            # One payload for every slot: encoded once, the same bytes (never written again) sent on each.
+            same = codec.encode(leaves) if isinstance(ob, self.P.BroadcastOutbox) else None
             for j in np.nonzero(want)[0]:
                 dst = int(table[j])
                 self.stats["sent"] += 1
@@ -574,7 +584,7 @@ class Worker:
                 if self.loss and self.events is None and self.rng.random() < self.loss:
                     self.stats["lost"] += 1
                     continue
-                buf = codec.encode(leaves, int(j))
+                buf = codec.encode(leaves, int(j)) if same is None else same
                 self._send_one(ci, dst, seq, buf)
 
     def _send_one(self, ci: int, dst: int, seq: int, buf: np.ndarray) -> None:
