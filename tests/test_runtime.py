@@ -317,6 +317,45 @@ def test_newest_only_channels_skip_superseded_messages_exactly():
         shared.close()
 
 
+def test_a_batch_of_messages_is_the_handlers_one_at_a_time():
+    """The batched receive (a loop of ``count`` handler calls in one compiled call) ends in the
+    state, bit for bit, of the one-message handler called on each message in order, for every
+    count from none to a full batch."""
+    from jaxasync._src.runtime import worker as worker_lib
+
+    ring = ja.topology.ring(3)
+    program = ja.algorithms.rfast(ring, ring, learning_rate=0.05)
+    problem = _problem(3)
+    layout = local._Layout(program, problem, 3, 0)
+    shared = local._create_shared(layout, transport_lib.ShmTransport, None)
+    try:
+        w = worker_lib.Worker(
+            program=program, problem=problem, node=1, n=3, seed=0, shared=shared, buffer_mode="atomic"
+        )
+        w.do_step(0)
+        rng = np.random.default_rng(0)
+        start = jax.tree.map(np.array, w.state)
+        for ci in (0, 1):
+            for count in range(worker_lib.BATCH + 1):
+                payloads = rng.normal(size=(count, 3)).astype(np.float32).view(np.uint8)
+                seqs = rng.integers(0, 4, size=count)  # reordered and repeated
+                edges = ((0, 0), (2, 1)) * 4
+                msgs = [
+                    transport_lib.Incoming(ci, *edges[j], int(seqs[j]), payloads[j]) for j in range(count)
+                ]
+                w.state = jax.tree.map(jnp.asarray, start)
+                for m in msgs:
+                    w.do_receive(m)
+                one_by_one = jax.tree.map(np.array, w.state)
+                w.state = jax.tree.map(jnp.asarray, start)
+                w.do_receive_many(ci, msgs)
+                jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, w.state), one_by_one)
+        assert w.stats["delivered"] == 2 * 2 * sum(range(worker_lib.BATCH + 1))
+        w.endpoint.close()
+    finally:
+        shared.close()
+
+
 # ------------------------------------------------------------------------- real runs
 
 

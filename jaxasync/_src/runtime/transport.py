@@ -116,7 +116,7 @@ class Codec:
                 jax.random.key_data(x) if spec.key_impl is not None else x
                 for spec, x in zip(self.leaves, leaves)
             ]
-        return [np.asarray(x) for x in jax.device_get(leaves)]
+        return [np.asarray(x) for x in leaves]  # (not jax.device_get: ~12 us more per leaf)
 
     def encode(self, leaves: list, index: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Host leaves (from :meth:`host_leaves`; optionally their ``[index]`` row) -> ``uint8[size]``."""
