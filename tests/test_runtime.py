@@ -356,6 +356,34 @@ def test_a_batch_of_messages_is_the_handlers_one_at_a_time():
         shared.close()
 
 
+def test_a_stragglers_rounds_are_due_at_its_pace():
+    """A straggler's round is due its CPU time plus (f - 1) times its step's after it began; the
+    next begins when it was due (time lost oversleeping or waiting for a core counts toward it),
+    not later, and an overrun is not carried over."""
+    from jaxasync._src.runtime import worker as worker_lib
+
+    wall, cpu = [10.0], [1.0]
+    pace = worker_lib.Pace(4.0, clock=lambda: wall[0], cpu_clock=lambda: cpu[0])
+    pace.round()  # begins at wall 10, cpu 1
+    wall[0], cpu[0] = 10.5, 1.3  # 0.1 s receiving, 0.2 s stepping, 0.2 s waiting for a core
+    assert pace.due(step_cpu=0.2, cpu_now=1.3) == pytest.approx(10.0 + 0.3 + 3 * 0.2)
+    wall[0] = 11.0  # woke 0.1 s late
+    pace.kept()
+    pace.round()  # begins when the last one was due: 10.9
+    wall[0], cpu[0] = 11.2, 1.5
+    assert pace.due(step_cpu=0.2, cpu_now=1.5) == pytest.approx(10.9 + 0.2 + 0.6)
+    wall[0], cpu[0] = 13.0, 1.5  # asked only at 13.0, past its due time: the overrun is not carried
+    pace.due(step_cpu=0.0, cpu_now=1.5)
+    pace.kept()
+    pace.round()
+    assert pace.due(step_cpu=0.1, cpu_now=1.6) == pytest.approx(13.0 + 0.1 + 0.3)
+    pace.kept()
+    wall[0] = 20.0
+    pace.round()
+    pace.round()  # the previous round did not step: the clock begins anew
+    assert pace.due(step_cpu=0.0, cpu_now=cpu[0]) == pytest.approx(20.0)
+
+
 # ------------------------------------------------------------------------- real runs
 
 

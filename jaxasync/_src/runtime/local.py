@@ -15,9 +15,13 @@ Semantics (what differs from the simulator, and why):
 
 * **Asynchrony** is real: the operating system interleaves the workers. From an
   :class:`~jaxasync._src.asynchrony.Asynchrony` the runtime injects ``stragglers`` (a worker with
-  factor ``f`` sleeps ``(f - 1)`` times the CPU time of each step after it, like a processor ``f``
-  times slower: messages that arrive meanwhile wait until its next round, which handles them
-  before the next step; CPU time, unlike wall time, does not grow with the machine's load),
+  factor ``f`` is paced like a processor ``f`` times slower at steps: after each step it sleeps
+  until its round (the messages it handled, then the step) has lasted the round's CPU time plus
+  ``f - 1`` times the step's, counted from when the previous round was due, so time lost waiting
+  for a core or oversleeping is part of the slow-down rather than added to it
+  (:class:`~jaxasync._src.runtime.worker.Pace`); messages that arrive meanwhile wait until its
+  next round, which handles them before the next step; CPU time, unlike wall time, does not grow
+  with the machine's load),
   ``loss`` (a Bernoulli draw per message before it is sent, counted in ``lost``)
   and ``crashes`` (``{node: seconds}``: the parent SIGKILLs that worker at that wall-clock time).
   ``compute_time`` and ``delay`` describe simulated time and are ignored here.

@@ -160,6 +160,47 @@ class Shared:
         self.transport.close()
 
 
+class Pace:
+    """The clock of a straggler with factor ``f``: like a processor ``f`` times slower at steps.
+
+    A round (the messages waiting, then one step) is due ``c + (f - 1) s`` seconds after it began,
+    ``c`` being the CPU time of the whole round and ``s`` that of its step (CPU time, unlike wall
+    time, does not grow with the machine's load); the straggler sleeps until then. A round begins
+    when the previous one was due (:meth:`kept`), so the time a round loses waiting for a core (a
+    machine with fewer cores than workers) or oversleeping counts toward the next one's slow-down
+    instead of adding to it; a round that took longer than its due time is not made up for. A
+    round without a step (waiting for messages) begins the clock anew.
+
+    Args:
+      factor: ``f``; 1 is a normal worker (its rounds are due when they end).
+      clock, cpu_clock: wall and CPU clocks in seconds (``time.perf_counter``, ``time.process_time``).
+    """
+
+    def __init__(self, factor: float, clock=time.perf_counter, cpu_clock=time.process_time):
+        self.factor, self.clock, self.cpu_clock = float(factor), clock, cpu_clock
+        self.begin, self.begin_cpu, self._kept = clock(), cpu_clock(), False
+        self._due = self._asked = self.begin
+
+    def round(self) -> None:
+        """A round begins (where the last one was due if it kept the pace, else now)."""
+        if not self._kept:
+            self.begin, self.begin_cpu = self.clock(), self.cpu_clock()
+        self._kept = False
+
+    def due(self, step_cpu: float, cpu_now: float) -> float:
+        """When this round is due (wall clock), its step having taken ``step_cpu`` CPU seconds and
+        the process's CPU clock reading ``cpu_now`` at its end."""
+        self._due = self.begin + (cpu_now - self.begin_cpu) + (self.factor - 1.0) * step_cpu
+        self._asked = self.clock()
+        return self._due
+
+    def kept(self) -> None:
+        """The round is over (slept until :meth:`due`): the next begins when this one was due, or
+        when :meth:`due` was asked if that is later (an overrun is not carried over; oversleeping
+        is)."""
+        self.begin, self.begin_cpu, self._kept = max(self._due, self._asked), self.cpu_clock(), True
+
+
 class Tally:
     """What one node added to one shared buffer, in float64, to measure lost updates.
 
@@ -820,8 +861,10 @@ class Worker:
         stepping = True
         idle = _IDLE_MIN
         rounds = 0
+        pace = Pace(self.straggler)
         while True:
             did = False
+            pace.round()
             # One round: the messages that are here now, then (if ready) one step. Bounding the
             # receives per round keeps a node that is flooded by faster neighbours stepping.
             if messages:
@@ -843,11 +886,12 @@ class Worker:
                     self.jax.block_until_ready(self.state)  # queued receives are not this step's work
                     c0 = time.process_time()
                     self.do_step(self.local_steps)
-                    work = time.process_time() - c0
+                    c1 = time.process_time()
                     counters.store(row + C_BUSY, 0)
                     self.publish_counters(full=messages)
-                    if not self._straggle((self.straggler - 1.0) * work):
+                    if not self._straggle(pace.due(c1 - c0, c1) - time.perf_counter()):
                         return
+                    pace.kept()
                     did = True
                 else:
                     self.do_step(self.local_steps)
@@ -863,11 +907,11 @@ class Worker:
                 idle = min(2 * idle, _IDLE_MAX)
 
     def _straggle(self, seconds: float) -> bool:
-        """A straggler's extra time after a step: ``seconds`` (its factor minus one, times the CPU
-        time the step took, so the slow-down does not grow with the machine's load) spent like a
-        slower processor would spend them, busy with the step: messages wait in the mailboxes
-        until its next round (which handles them before stepping, batched); it still answers
-        report requests and the stop flag every few ms. Returns False if the run is stopping."""
+        """A straggler's extra time after a step (until its :class:`Pace` says the round is due),
+        spent like a slower processor would spend it, busy with the step: messages wait in the
+        mailboxes until its next round (which handles them before stepping, batched); it still
+        answers report requests and the stop flag every few ms. Returns False if the run is
+        stopping."""
         end = time.perf_counter() + seconds
         while True:
             left = end - time.perf_counter()
