@@ -67,8 +67,9 @@ def test_handlers_jit_and_keep_state_structure(dtype):
     s2, _ = step(s1._replace(size=jnp.int32(1)), jnp.ones((D,), dtype))
     assert len(traces) == 1
     assert _leaf_specs(s1) == _leaf_specs(worker)
+    assert isinstance(emit.outbox["grad"], program_lib.BroadcastOutbox)  # one copy, not one per slot
     g, a = emit.outbox["grad"].payload
-    assert g.dtype == dtype and g.shape == (1, D) and int(a[0]) == 0
+    assert g.dtype == dtype and g.shape == (D,) and int(a) == 0
 
     job = jax.jit(prog.receive["job"])
     w2, _ = job(s1, _msg(0, (jnp.ones((D,), dtype), jnp.int32(3))))
@@ -91,7 +92,7 @@ def test_worker_queue_is_fifo_and_counts_overflow():
     order = []
     while bool(prog.ready(w)):
         w, emit = prog.step(w, grad_fn, None, jax.random.key(0))
-        g, a = emit.outbox["grad"].payload
+        g, a = program_lib.expand_outbox(emit.outbox["grad"]).payload
         order.append((int(a[0]), float(g[0, 0])))
     assert order == [(0, 0.0), (5, 5.0), (7, 7.0)]
 
@@ -108,7 +109,7 @@ def _drive_server(policy, finishers, seed=0, num_workers=W):
     recipients = []
     for t, j in enumerate(finishers):
         server, emit = receive(server, _grad_msg(j, max(t - 2, 0)))
-        ob = emit.outbox["job"]
+        ob = program_lib.expand_outbox(emit.outbox["job"])
         assert int(jnp.sum(ob.mask)) == 1  # exactly one new job per applied gradient
         k = int(jnp.argmax(ob.mask))
         assert int(ob.payload[1][k]) == t + 1  # the job carries x_{t+1} and t + 1

@@ -186,6 +186,7 @@ class _Executor:
 
     def deliver(self, i, emit):
         for cname, ob in emit.outbox.items():
+            ob = program_lib.expand_outbox(ob)
             graph = self.prog.channels[cname].graph
             for k in range(graph.max_out_degree):
                 if bool(ob.mask[k]):
@@ -390,7 +391,7 @@ def test_handlers_jit_keep_state_structure_and_compile_once(name):
         assert _signature(state) == before
         state = observe(state, _views_for(prog, 3))
         assert _signature(state) == before
-        payload = jax.tree.map(lambda p: p[0], emit.outbox[cname].payload)
+        payload = jax.tree.map(lambda p: p[0], program_lib.expand_outbox(emit.outbox[cname]).payload)
         state, _ = receive(state, program_lib.Message(jnp.int32(0), jnp.int32(t), payload))
         assert _signature(state) == before
     assert len(traces) == 1

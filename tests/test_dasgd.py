@@ -53,6 +53,7 @@ class _Network:
         self.updates = []  # every update, in generation order
 
     def _send(self, node, outbox):
+        outbox = program_lib.expand_outbox(outbox)
         mask = np.asarray(outbox.mask)
         for k in np.flatnonzero(mask):
             dst = int(self.graph.out_table[node, k])
@@ -79,7 +80,8 @@ class _Network:
         state = self.states[node]
         self.stale_sum += self.generated - int(state.applied)  # s_k = k - |A_k|
         self.states[node], emit = self.step(state, batch)
-        self.updates.append(np.asarray(emit.outbox["grad"].payload[0][0], np.float32))
+        u = emit.outbox["grad"].payload[0]  # a BroadcastOutbox: the update once
+        self.updates.append(np.asarray(u, np.float32))
         self.generated += 1
         self._send(node, emit.outbox["grad"])
 
@@ -118,7 +120,7 @@ def test_handlers_jit_and_keep_state_structure(dtype, graph):
     s2, _ = step(s1, jnp.ones((D,), dtype))
     assert len(traces) == 1
     assert _leaf_specs(s1) == _leaf_specs(state) == _leaf_specs(s2)
-    u, origin, seq = emit.outbox["grad"].payload
+    u, origin, seq = program_lib.expand_outbox(emit.outbox["grad"]).payload
     assert u.dtype == dtype and int(origin[0]) == 1 and int(seq[0]) == 0
     msg = program_lib.Message(jnp.int32(0), jnp.int32(0), (u[0], jnp.int32(0), jnp.int32(0)))
     s3, _ = jax.jit(prog.receive["grad"])(s2, msg)

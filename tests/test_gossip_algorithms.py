@@ -78,6 +78,7 @@ class _Driver:
     def _send(self, node, emit, lost_bits=0):
         bit = 0
         for c, ob in emit.outbox.items():
+            ob = program_lib.expand_outbox(ob)
             g, mask = self.graphs[c], np.asarray(ob.mask)
             if not mask.any():
                 continue
@@ -358,7 +359,7 @@ def test_handlers_jit_with_stable_structure_and_no_retracing(name, dtype):
     # Receiving lets the synchronous ones finish their round.
     for c in prog.channels:
         payload = (
-            jax.tree.map(lambda p: p[0], emit.outbox[c].payload)
+            jax.tree.map(lambda p: p[0], program_lib.expand_outbox(emit.outbox[c]).payload)
             if c in emit.outbox
             else jax.tree.map(
                 lambda t: jnp.zeros(t.shape, t.dtype), program_lib.resolve(prog.channels[c].payload, params)

@@ -1,4 +1,6 @@
-"""The node-program contract: outbox forms (per-slot and broadcast), and their checks."""
+"""The node-program contract: outbox forms (per-slot and broadcast), their checks and equivalence."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,8 @@ import pytest
 
 import jaxasync as ja
 from jaxasync._src import program as program_lib
+from jaxasync._src import simulator as simulator_lib
+from jaxasync._src.algorithms import registry
 
 N = 4
 
@@ -19,6 +23,39 @@ def _problem(n, seed=0):
         shards.append({"a": a, "b": (a @ np.ones(3)).astype(np.float32)})
     loss = lambda x, d: 0.5 * jnp.mean((d["a"] @ x - d["b"]) ** 2)
     return ja.Problem(loss, jnp.zeros(3), shards, batch_size=4)
+
+
+def _per_slot(program):
+    """``program`` with every BroadcastOutbox expanded by its handlers (one payload per slot)."""
+
+    def expand(emit):
+        if emit is None:
+            return emit
+        return emit._replace(outbox={c: program_lib.expand_outbox(ob) for c, ob in emit.outbox.items()})
+
+    def step(state, grad_fn, batch, key):
+        state, emit = program.step(state, grad_fn, batch, key)
+        return state, expand(emit)
+
+    def wrap(receive):
+        def receive_per_slot(state, msg):
+            state, emit = receive(state, msg)
+            return state, expand(emit)
+
+        return receive_per_slot
+
+    receive = {c: wrap(f) for c, f in program.receive.items()}
+    return dataclasses.replace(program, step=step, receive=receive)
+
+
+def _step_outboxes(program, problem):
+    """The outbox types a program's step returns, by channel (traced, not run)."""
+    state = jax.eval_shape(program.init, jnp.int32(0), problem.init_params, jax.random.key(0))
+    batch = jax.eval_shape(lambda k: problem.sample(k, 0), jax.random.key(0))
+    _, emit = jax.eval_shape(
+        lambda s, b: program.step(s, problem.grad_fn, b, jax.random.key(0)), state, batch
+    )
+    return {c: type(ob) for c, ob in emit.outbox.items()}
 
 
 # -------------------------------------------------------------------------------- the two forms
@@ -40,6 +77,60 @@ def test_expand_outbox_repeats_the_payload_per_slot():
     )
     assert stacked.payload.shape == (2, 4, 3)
     np.testing.assert_array_equal(stacked.payload[1, 2], [3.0, 4.0, 5.0])
+
+
+def test_broadcast_outbox_masks_the_real_out_slots():
+    graph = ja.topology.star(4)  # the centre has 3 out-neighbours, a leaf 1 (padded to 3)
+    channel = ja.Channel(graph, jnp.zeros(2))
+    leaf = int(np.flatnonzero(np.asarray(graph.out_degree) == 1)[0])
+    ob = program_lib.broadcast_outbox(channel, jnp.int32(leaf), jnp.ones(2))
+    assert isinstance(ob, ja.BroadcastOutbox) and ob.payload.shape == (2,)
+    np.testing.assert_array_equal(ob.mask, np.asarray(graph.out_table)[leaf] >= 0)
+    silent = program_lib.broadcast_outbox(channel, jnp.int32(leaf), jnp.ones(2), send=False)
+    assert not bool(silent.mask.any())
+
+
+ASYN = ja.Asynchrony(delay=ja.exponential(0.5), loss=0.1)
+
+
+@pytest.mark.parametrize(
+    "name", ["dasgd", "cluster_sgd", "rfast", "allreduce_sgd", "dpsgd", "adpsgd", "asgrad"]
+)
+def test_broadcast_and_per_slot_forms_give_identical_events_and_states(name):
+    problem = _problem(N)
+    program = registry.build(name, N, learning_rate=0.05)
+    per_slot = _per_slot(program)
+    # Not vacuous: the algorithm broadcasts, the wrapper does not.
+    forms = _step_outboxes(program, problem)
+    assert program_lib.BroadcastOutbox in forms.values(), forms
+    assert set(_step_outboxes(per_slot, problem).values()) == {program_lib.Outbox}
+    a = simulator_lib.record(program, problem, ASYN, steps=40, seed=2)
+    b = simulator_lib.record(per_slot, problem, ASYN, steps=40, seed=2)
+    assert np.any(a.events.kind > 0)  # messages were delivered
+    jax.tree.map(np.testing.assert_array_equal, a.events, b.events)
+    jax.tree.map(np.testing.assert_array_equal, a.node_params, b.node_params)
+    jax.tree.map(np.testing.assert_array_equal, a.shared, b.shared)
+
+
+@pytest.mark.parametrize("name", ["dasgd", "cluster_sgd"])
+def test_broadcast_and_per_slot_forms_give_identical_traces(name):
+    problem = _problem(N)
+    program = registry.build(name, N, learning_rate=0.05)
+    a = ja.simulate(program, problem, ASYN, steps=60, seed=1)
+    b = ja.simulate(_per_slot(program), problem, ASYN, steps=60, seed=1)
+    assert a["sent"][-1] > 0 and set(a.metrics) == set(b.metrics)
+    for k in a.metrics:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_schedule_executor_gives_identical_traces_for_both_forms():
+    problem = _problem(N)
+    program = registry.build("rfast", N, learning_rate=0.05)  # a broadcast and a per-slot channel
+    a = ja.simulate(program, problem, ASYN, steps=60, seed=1, executor="schedule")
+    b = ja.simulate(_per_slot(program), problem, ASYN, steps=60, seed=1, executor="schedule")
+    assert a["sent"][-1] > 0
+    for k in a.metrics:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 # -------------------------------------------------------------------------------- bad outboxes

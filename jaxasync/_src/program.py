@@ -311,13 +311,22 @@ def empty_outbox(channel: Channel) -> Outbox:
     return Outbox(payload, jnp.zeros((m,), bool))
 
 
-def broadcast_outbox(channel: Channel, node: jax.Array, payload: PyTree, send=True) -> Outbox:
-    """The same ``payload`` to every out-neighbour of ``node`` on ``channel`` (if ``send``)."""
+def broadcast_outbox(channel: Channel, node: jax.Array, payload: PyTree, send=True) -> BroadcastOutbox:
+    """The same ``payload`` to every out-neighbour of ``node`` on ``channel`` (if ``send``).
+
+    Args:
+      channel: the channel (only its graph is read).
+      node: int32 scalar, the sending node (may be traced).
+      payload: one message, like the channel's payload template.
+      send: bool scalar; False sends nothing (the mask is all False).
+
+    Returns:
+      A :class:`BroadcastOutbox`: the payload once, masked to the node's real out-slots.
+    """
     m = max(channel.graph.max_out_degree, 1)
     table = jnp.asarray(channel.graph.out_table).reshape(channel.graph.n, -1)
     mask = (table[node] >= 0) & send if table.shape[1] else jnp.zeros((m,), bool)
-    payload = jax.tree.map(lambda x: jnp.broadcast_to(x, (m, *jnp.shape(x))), payload)
-    return Outbox(payload, mask)
+    return BroadcastOutbox(payload, mask)
 
 
 def expand_outbox(outbox: Outbox | BroadcastOutbox) -> Outbox:

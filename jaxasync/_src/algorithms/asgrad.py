@@ -195,7 +195,7 @@ def asgrad(
         del key  # the batch is the only randomness of a worker's job
         snapshot = jax.tree.map(lambda q: q[state.head], state.queue)
         g = base.gradient(grad_fn, snapshot, batch)
-        out = program_lib.Outbox(base.stack((g, state.queue_iter[state.head]), 1), jnp.ones((1,), bool))
+        out = program_lib.BroadcastOutbox((g, state.queue_iter[state.head]), jnp.ones((1,), bool))
         state = state._replace(head=(state.head + 1) % cap, size=state.size - 1)
         return state, program_lib.Emit(outbox={"grad": out})
 
@@ -206,7 +206,7 @@ def asgrad(
         params, opt_state = base.descend(opt, g, state.opt_state, state.params, delay=delay)
         worker, assign = policy_fn.assign(state.assign, msg.slot)
         count = state.count + 1
-        out = program_lib.Outbox(base.stack((params, count), num_workers), jnp.arange(num_workers) == worker)
+        out = program_lib.BroadcastOutbox((params, count), jnp.arange(num_workers) == worker)
         state = state._replace(
             params=params,
             opt_state=opt_state,

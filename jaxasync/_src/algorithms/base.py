@@ -173,3 +173,11 @@ def outbox(payload: PyTree, mask: jax.Array) -> program_lib.Outbox:
         payload = jax.tree.map(lambda p: jnp.zeros((1, *p.shape[1:]), p.dtype), payload)
         mask = jnp.zeros((1,), bool)
     return program_lib.Outbox(payload, mask)
+
+
+def masked_broadcast(payload: PyTree, mask: jax.Array) -> program_lib.BroadcastOutbox:
+    """One ``payload`` on the out-slots where ``mask`` is True (written once, not once per slot);
+    a node-free graph (no out-slots) gets one dead slot."""
+    if mask.shape[0] == 0:
+        mask = jnp.zeros((1,), bool)
+    return program_lib.BroadcastOutbox(payload, mask)

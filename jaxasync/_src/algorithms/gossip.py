@@ -166,7 +166,7 @@ def allreduce_sgd(
         state = store(state, state.node, state.count, g)
         state = try_advance(state._replace(waiting=jnp.asarray(True)))
         m = graph.max_out_degree
-        out = program_lib.Outbox(base.stack(g, max(m, 1)), jnp.arange(max(m, 1)) < m)
+        out = program_lib.BroadcastOutbox(g, jnp.arange(max(m, 1)) < m)
         return state, program_lib.Emit(outbox={"grads": out})
 
     def receive(state, msg):
@@ -415,7 +415,7 @@ def adpsgd(
         g = base.gradient(grad_fn, state.x, batch)
         deg = out_degree[state.node]
         slot = jax.random.randint(key, (), 0, jnp.maximum(deg, 1))
-        out = base.outbox(base.stack(state.x, m_out), one_hot(slot, deg > 0)[:m_out])
+        out = base.masked_broadcast(state.x, one_hot(slot, deg > 0)[:m_out])
         x, opt_state = base.descend(opt, g, state.opt_state, state.x)
         state = state._replace(x=x, opt_state=opt_state, count=state.count + 1)
         return state, program_lib.Emit(outbox={"avg": out})
@@ -424,7 +424,7 @@ def adpsgd(
         delta = jax.tree.map(lambda xj, xi: (xj - xi.astype(xj.dtype)) / 2, state.x, msg.payload)
         x = jax.tree.map(jnp.subtract, state.x, delta)
         slot = reply_slot[state.node, jnp.clip(msg.slot, 0, reply_slot.shape[1] - 1)]
-        out = base.outbox(base.stack(delta, m_out), one_hot(slot, slot >= 0)[:m_out])
+        out = base.masked_broadcast(delta, one_hot(slot, slot >= 0)[:m_out])
         return state._replace(x=x), program_lib.Emit(outbox={"reply": out})
 
     def receive_reply(state, msg):

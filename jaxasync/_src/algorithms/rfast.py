@@ -259,7 +259,7 @@ def rfast(
         rho_out = pushed if robust else mixing_lib.running_sum_send(s.rho_out, z, push_out_mask[i])
         y, opt_state = base.descend(opt, z, state.opt_state, x_new)  # (e)
         outbox = {
-            "pull": base.outbox(base.stack(y, pull.max_out_degree), pull_out_mask[i]),
+            "pull": base.masked_broadcast(y, pull_out_mask[i]),
             "sums": base.outbox(pushed, push_out_mask[i]),
         }
         state = state._replace(
