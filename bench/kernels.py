@@ -7,7 +7,8 @@ model's. Anchors measured in the same run:
 
 * a jitted ``optax.sgd`` step on the same d (params donated);
 * the bytes the step must touch (state leaves read, leaves it changes from a generic state
-  written, the gradient read, messages and shared-memory operations written) at numpy's measured
+  written, the gradient read, messages and shared-memory operations written: a
+  ``BroadcastOutbox``'s one payload once, as the step writes it once) at numpy's measured
   in-place bandwidth (``np.subtract(a, b, out=a)``) on arrays of the same total size (a step whose
   state spills out of the cache is compared with numpy spilling out of the cache too).
 
@@ -27,19 +28,33 @@ What keeps steps above the target on XLA:CPU (jax 0.10):
   leaf, message payload) re-reads its inputs, and an elementwise value read by several outputs is
   recomputed in each of their loops unless its last operation has two large operands and it is
   itself an output (the algorithms are written so, e.g. R-FAST's new tracker ``z``).
-* Message payloads are materialized per out-slot (the ``Outbox`` contract: one payload per slot),
-  so a value broadcast to m neighbours is m fresh copies, counted in the bound as bytes written.
+* A message to several neighbours is one payload: DASGD, the cluster algorithm, AllReduce,
+  D-PSGD, AD-PSGD, AsGrad and R-FAST's pull channel return a ``BroadcastOutbox``, which the step
+  writes once; executors copy it per message only where they store messages (the simulator's
+  pools), and the runtime encodes it once. With one payload per out-slot (an ``Outbox``) the
+  step wrote m fresh copies. Two A/B runs (both forms in turns, one process, this shared machine,
+  d = 2^20, 4 nodes): DASGD's step 0.40-0.54 -> 0.19-0.25 ms, the cluster algorithm's 0.43-0.69
+  -> 0.22-0.38 ms (about half in each run), D-PSGD's 0.61-0.73 -> 0.37-0.39 ms, AllReduce's
+  0.46-0.52 -> 0.28-0.30 ms, AD-PSGD's 0.32-0.37 -> 0.26-0.30 ms; R-FAST's pull channel has two
+  slots on the ring and its step is ~2.5 ms: within the noise.
 * A donated buffer updated in place while another loop still reads its old value is copied first
   by XLA:CPU's default copy insertion (AD-PSGD's ``x``, R-FAST's ``rho_tilde``); the executors
   compile with region analysis (``xla.jit``), which removes those copies.
 * XLA:CPU's loops move bytes slower than numpy's ``a -= b`` here: ~1.2-1.8x for the ``sgd`` row's
-  single loop (exactly its bytes touched), 2-3x for the write-heavy payload loops of DASGD, AD-PSGD
-  and the cluster algorithm (whose XLA MB are within 1.2x of their bytes touched). Those steps
-  write two bytes per byte read, into fresh output buffers (write-allocate), while the anchor
-  writes one byte in three in place: a 4 MB store costs ~2.5x a 4 MB load here.
+  single loop (exactly its bytes touched), and a loop into a fresh output buffer (a payload)
+  slower still: ``u = -lr * g`` on 4 MB takes 0.10 ms as a jitted step and 0.071 ms in numpy.
+  DASGD's step is two such loops (``params + u`` in place and the payload ``u``, each re-reading
+  ``g``: XLA MB 21 for 16.8 touched): 0.185 ms against a bound of 0.095 ms (1.94x) in the
+  quieter of two runs, 2.4x in the other: at the target, above it whenever the machine is busy.
 * A value that is two outputs (R-FAST's ``rho_tilde <- rho_hat``, its running sums in the state and
-  in the outbox, the given gradient kept as ``g``) is a whole-buffer copy, which XLA:CPU runs as one
-  single-threaded ``memcpy`` (1.2-1.6x the time of a two-thread loop over the same bytes).
+  in the outbox, its ``y`` in the state and as the pull payload, the given gradient kept as ``g``;
+  the cluster algorithm's ``y`` in its register write and its message; AD-PSGD's ``x`` sent
+  before the step changes it in place) is a whole-buffer copy, which XLA:CPU runs as one
+  single-threaded ``memcpy`` (1.2-1.6x the time of a two-thread loop over the same bytes). The
+  cluster algorithm's step is one loop (``y``) and that copy: a jitted ``y, y`` of 4 MB takes
+  0.24-0.26 ms against 0.10 ms for ``y`` alone (recomputing the second ``y`` in a loop of its own
+  is no faster: 0.24-0.29 ms), so the step stays at 1.8-3.8x its bound (16.8 MB) here.
+  The contract has no way yet to say "this message is that register write".
 * ``sparsified_sgd``: exact top-k of 2^20 magnitudes has no bandwidth-speed primitive on XLA:CPU.
   The radix selection (`compression`) needs two scatter-add histograms (~0.5 ms each: a scatter
   runs one update at a time, and its index and ones arrays are materialized first) and a packing
@@ -177,6 +192,8 @@ def step_cost(program, d: int):
         for x, y in zip(jax.tree.leaves(generic), jax.tree.leaves(after))
         if x.shape != y.shape or not bool(jnp.array_equal(x, y, equal_nan=True))
     )
+    # The emit as the step returns it: a BroadcastOutbox holds its payload once (the step writes
+    # it once; executors copy it per message outside the step), an Outbox one per slot.
     touched = _nbytes(state) + _nbytes(grad) + changed + _nbytes(emit)
 
     donated = xla.jit(step, donate_argnums=0)  # as the executors compile it
