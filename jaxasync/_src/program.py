@@ -156,11 +156,13 @@ class Channel:
       payload: pytree of arrays or ``jax.ShapeDtypeStruct`` describing one message, or a function of
         the model's parameters returning one (such as :func:`like_params`), so a factory need not
         know the model: executors call :func:`resolve` with the initial parameters.
-      newest_only: the receiver needs only the newest message of each edge: receiving an older
-        message and then a newer one leaves the state as receiving the newer one alone (true of
-        :func:`jaxasync.mixing.keep_newest` slots and running sums, false of increments). A real
-        executor may then skip a waiting message when a newer one from the same sender is waiting
-        too, so a slow node flooded by fast neighbours handles one message per edge, not all.
+      newest_only: the receiver needs only the newest message of each edge: receiving any of an
+        edge's messages, in any order, leaves the state as receiving the newest of them alone, and
+        edges do not interact (true of :func:`jaxasync.mixing.keep_newest` slots and running sums,
+        false of increments). A real executor may then skip a waiting message when a newer one from
+        the same sender is waiting too, so a slow node flooded by fast neighbours handles one
+        message per edge, not all; the schedule-first simulator hands a job only the newest message
+        of each in-edge (it then needs every step to send on every out-edge of the channel).
     """
 
     graph: Any
