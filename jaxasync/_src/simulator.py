@@ -847,9 +847,9 @@ def simulate(
       executor: ``"events"`` (one event at a time, any program) or ``"schedule"`` (the schedule
         drawn up front and applied to all nodes at once, see :mod:`jaxasync._src.scheduled`; only
         for oblivious programs such as R-FAST, DASGD and SGP; ``pool_size`` and ``max_events`` do
-        not apply). For one R-FAST simulation on 16 nodes the schedule is ~4x faster; for batches
-        of seeds the event executor is as fast (it already fills the vector units). The two draw
-        their random numbers differently: same seed, same trace within an executor, not across.
+        not apply). For one R-FAST simulation on 16 nodes the schedule is several times faster,
+        for 8 seeds about twice as fast (``bench/sim.py``). The two draw their random numbers
+        differently: same seed, same trace within an executor, not across.
 
     Returns:
       A :class:`Trace` with ``time, events, steps, node_steps`` (per node), ``loss, grad_norm, gap,
