@@ -251,6 +251,7 @@ def test_messages_received_in_the_step_call_are_exact():
             program=program, problem=problem, node=1, n=3, seed=0, shared=shared, buffer_mode="atomic"
         )
         assert w.fused_fn is not None
+        assert w.yields  # it interacts with other workers: it yields its core after each step
         rng = np.random.default_rng(0)
 
         def inbox(count):

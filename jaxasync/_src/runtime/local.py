@@ -13,7 +13,8 @@ simulator's: one algorithm definition, two executors.
 
 Semantics (what differs from the simulator, and why):
 
-* **Asynchrony** is real: the operating system interleaves the workers. From an
+* **Asynchrony** is real: the operating system interleaves the workers (each yields its core
+  after a step to a process waiting for one, see :mod:`.worker`). From an
   :class:`~jaxasync._src.asynchrony.Asynchrony` the runtime injects ``stragglers`` (a worker with
   factor ``f`` is paced like a processor ``f`` times slower at steps: after each step it sleeps
   until its round (the messages it handled, then the step) has lasted the round's CPU time plus
