@@ -46,15 +46,15 @@ What keeps steps above the target on XLA:CPU (jax 0.10):
   DASGD's step is two such loops (``params + u`` in place and the payload ``u``, each re-reading
   ``g``: XLA MB 21 for 16.8 touched): 0.185 ms against a bound of 0.095 ms (1.94x) in the
   quieter of two runs, 2.4x in the other: at the target, above it whenever the machine is busy.
-* A value that is two outputs (R-FAST's ``rho_tilde <- rho_hat``, its running sums in the state and
-  in the outbox, its ``y`` in the state and as the pull payload, the given gradient kept as ``g``;
-  the cluster algorithm's ``y`` in its register write and its message; AD-PSGD's ``x`` sent
-  before the step changes it in place) is a whole-buffer copy, which XLA:CPU runs as one
-  single-threaded ``memcpy`` (1.2-1.6x the time of a two-thread loop over the same bytes). The
-  cluster algorithm's step is one loop (``y``) and that copy: a jitted ``y, y`` of 4 MB takes
-  0.24-0.26 ms against 0.10 ms for ``y`` alone (recomputing the second ``y`` in a loop of its own
-  is no faster: 0.24-0.29 ms), so the step stays at 1.8-3.8x its bound (16.8 MB) here.
-  The contract has no way yet to say "this message is that register write".
+* A value that is two outputs of a step (the cluster algorithm's ``y``, its register write and its
+  message; R-FAST's ``y`` in its state and as the pull payload) would be written twice, the second
+  time as one single-threaded ``memcpy`` (a jitted ``y, y`` of 4 MB: 0.24-0.26 ms against 0.10 ms
+  for ``y`` alone). The runtime workers and this benchmark compile steps with
+  ``xla.jit_unique_outputs``, which returns such a value once and hands the same array to both
+  places (the cluster algorithm's XLA MB: 12.6, against 21.0 with ``xla.jit``; R-FAST's: 109
+  against 134). Two *state* leaves that hold one value (R-FAST's ``rho_tilde <-
+  rho_hat``) still get a copy each, since the state is donated to the next step. AD-PSGD sends its
+  ``x`` before the step changes it in place, which needs a copy too.
 * ``sparsified_sgd``: exact top-k of 2^20 magnitudes has no bandwidth-speed primitive on XLA:CPU.
   The radix selection (`compression`) needs two scatter-add histograms (~0.5 ms each: a scatter
   runs one update at a time, and its index and ones arrays are materialized first) and a packing
@@ -196,7 +196,7 @@ def step_cost(program, d: int):
     # it once; executors copy it per message outside the step), an Outbox one per slot.
     touched = _nbytes(state) + _nbytes(grad) + changed + _nbytes(emit)
 
-    donated = xla.jit(step, donate_argnums=0)  # as the executors compile it
+    donated = xla.jit_unique_outputs(step, donate_argnums=0)  # as the runtime workers compile it
     cost = donated.lower(new_state, grad, jax.random.key(3)).compile().cost_analysis()
     accessed = (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
     holder = [new_state]

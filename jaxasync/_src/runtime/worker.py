@@ -100,7 +100,9 @@ def lift_jit(fn, *example_args, donate_first: bool = False):
     With ``donate_first`` the first argument (a node's state) is donated: XLA writes the new state
     into its buffers instead of allocating fresh ones every call, and the caller must not use the
     argument again (the worker always replaces its state by the result). Compiled like the
-    simulator's handlers (:func:`jaxasync._src.xla.jit`).
+    simulator's handlers, with a value returned in several places (a register write that is also
+    a message) computed and returned once (:func:`jaxasync._src.xla.jit_unique_outputs`): the
+    worker consumes a handler's messages and writes before it passes the state on.
     """
     import jax
 
@@ -111,7 +113,7 @@ def lift_jit(fn, *example_args, donate_first: bool = False):
     consts = [jax.numpy.asarray(c) for c in closed.consts]
     jaxpr = closed.jaxpr
 
-    @functools.partial(xla_lib.jit, donate_argnums=(1,) if donate_first else ())
+    @functools.partial(xla_lib.jit_unique_outputs, donate_argnums=(1,) if donate_first else ())
     def lifted(consts, *args):
         out = jax.core.eval_jaxpr(jaxpr, consts, *jax.tree.leaves(args))
         return jax.tree.unflatten(out_tree, out)
