@@ -149,7 +149,10 @@ def _transport_class(transport):
         transport = "shm"
     if isinstance(transport, str):
         if transport == "mpi":
-            raise NotImplementedError("the MPI transport is not available yet; use transport='shm'")
+            raise ValueError(
+                "transport='mpi' runs one node per MPI rank: call jaxasync.run_mpi(...) in every rank "
+                "under `mpiexec -n N python script.py` (or `mpiexec -n N jaxasync run --transport mpi`)"
+            )
         try:
             return transport_lib.TRANSPORTS[transport]
         except KeyError:
@@ -467,6 +470,31 @@ def _counter_totals(shared: worker_lib.Shared, n: int) -> dict:
     )
 
 
+def _record(shared: worker_lib.Shared, metrics: _Metrics, n: int, now: float, alive) -> dict:
+    """One record of a trace: the counters and the metrics of the reported states at ``now``."""
+    tot = _counter_totals(shared, n)
+    m = metrics.compute(alive)
+    rec = dict(
+        time=np.float32(now),
+        events=np.int64(tot["node_steps"].sum() + tot["delivered"]),
+        steps=np.int64(tot["node_steps"].sum()),
+        node_steps=tot["node_steps"],
+        node_cpu_time=tot["cpu_time"].astype(np.float32),
+        in_flight=np.int64(tot["sent"] - tot["lost"] - tot["delivered"] - tot["dropped"]),
+        sent=tot["sent"],
+        lost=tot["lost"],
+        delivered=tot["delivered"],
+        dropped=tot["dropped"],
+        overflow=np.int64(0),
+        bytes_sent=np.float64(tot["bytes_sent"]),
+        alive=np.int64(np.sum(alive)),
+        staleness_mean=np.float32(tot["stale_sum"] / max(tot["updates"], 1)),
+        staleness_max=np.int64(tot["stale_max"]),
+    )
+    rec.update(m)  # algorithm metrics may refine the staleness (e.g. a server's delays)
+    return rec
+
+
 # ---------------------------------------------------------------------------------------- the run
 
 
@@ -732,26 +760,7 @@ def run(
             return np.array([i not in session.procs.dead for i in range(n)])
 
         def record(now):
-            tot = _counter_totals(session.shared, n)
-            m = session.metrics.compute(alive_mask())
-            rec = dict(
-                time=np.float32(now),
-                events=np.int64(tot["node_steps"].sum() + tot["delivered"]),
-                steps=np.int64(tot["node_steps"].sum()),
-                node_steps=tot["node_steps"],
-                node_cpu_time=tot["cpu_time"].astype(np.float32),
-                in_flight=np.int64(tot["sent"] - tot["lost"] - tot["delivered"] - tot["dropped"]),
-                sent=tot["sent"],
-                lost=tot["lost"],
-                delivered=tot["delivered"],
-                dropped=tot["dropped"],
-                overflow=np.int64(0),
-                bytes_sent=np.float64(tot["bytes_sent"]),
-                alive=np.int64(alive_mask().sum()),
-                staleness_mean=np.float32(tot["stale_sum"] / max(tot["updates"], 1)),
-                staleness_max=np.int64(tot["stale_max"]),
-            )
-            rec.update(m)  # algorithm metrics may refine the staleness (e.g. a server's delays)
+            rec = _record(session.shared, session.metrics, n, now, alive_mask())
             records.append(rec)
             return rec
 

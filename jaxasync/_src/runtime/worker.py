@@ -20,6 +20,11 @@ The parent creates every shared segment; the worker attaches by name (:class:`Sh
 unlinks. Everything a worker reports goes through shared memory: counters in one ``AtomicArray`` row,
 its full state (raw bytes) in a ``Register`` when the parent asks for a report, and a formatted
 traceback through a pipe if it fails.
+
+:meth:`Worker.maybe_report` is the worker's one contact with its supervisor: it runs once per
+round, in a straggler's sleep and while a send waits for room, each time before the worker reads
+``STOP``. The MPI runtime (:mod:`.mpi`) runs this same loop on process-local control cells and
+overrides that method to exchange control messages with rank 0 instead of a parent process.
 """
 
 from __future__ import annotations
@@ -652,6 +657,7 @@ class Worker:
         give up (count ``dropped``) if the receiver died or the run is stopping."""
         wait = _IDLE_MIN
         while not self.endpoint.send(ci, dst, seq, buf):
+            self.maybe_report()  # a blocked sender still answers its supervisor (and sees STOP)
             if not self._alive(dst) or self.ctrl.load(STOP):
                 self.stats["dropped"] += 1
                 return
@@ -867,7 +873,6 @@ class Worker:
 
     def _free(self) -> None:
         ctrl, row, counters = self.ctrl, self.row, self.counters
-        limit = ctrl.load(LIMIT)
         messages = bool(self.channel_names)
         stepping = True
         idle = _IDLE_MIN
@@ -888,6 +893,7 @@ class Worker:
             if stepping and self.ready:
                 counters.store(row + C_BUSY, 1)
                 claim = ctrl.fetch_add(CLAIMED, 1)
+                limit = ctrl.load(LIMIT)  # read at each claim: the MPI runtime lowers it to halt a node
                 if limit >= 0 and claim >= limit:
                     counters.store(row + C_BUSY, 0)
                     stepping = False
