@@ -2,7 +2,8 @@
 
 Layers (see the README): pure JAX node programs and Optax transforms (``jaxasync.algorithms``,
 ``jaxasync.sparsify``, ...); executors that drive them (``jaxasync.simulate`` and ``jaxasync.sweep``;
-the local multi-process runtime); the native shared-memory core (``jaxasync.shm``, imported on demand).
+the local multi-process runtime ``jaxasync.run`` and the MPI one ``jaxasync.run_mpi``); the native
+shared-memory core (``jaxasync.shm``, imported on demand).
 """
 
 from jaxasync import agreement as agreement
@@ -49,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = (
     "replay",
     "run",
+    "run_mpi",
     "shm",
     "WorkerError",
     "agreement",
@@ -96,6 +98,7 @@ __all__ = (
 _LAZY = {
     "run": ("jaxasync._src.runtime.local", "run"),
     "replay": ("jaxasync._src.runtime.local", "replay"),
+    "run_mpi": ("jaxasync._src.runtime.mpi", "run_mpi"),
     "WorkerError": ("jaxasync._src.runtime.local", "WorkerError"),
     "shm": ("jaxasync.shm", None),
 }
