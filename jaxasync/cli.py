@@ -3,6 +3,7 @@
   jaxasync simulate --algorithm rfast --problem least_squares --nodes 8 --loss 0.3 --straggler 0:5
   jaxasync reproduce asgrad            # or rfast, dasgd, elastic, cluster, all
   jaxasync run --algorithm hogwild --workers 2
+  mpiexec -n 4 jaxasync run --transport mpi --algorithm rfast   # one node per MPI rank
 
 Every command prints a results table, and writes a JSON file of the numbers and a PNG plot under
 ``--out`` (default ``results/``). ``--config FILE.json`` reads the same options from a file (command
@@ -235,28 +236,47 @@ def _cmd_run(args) -> int:
     if args.list:
         print("\n".join(sorted(registry.BUILDERS)))
         return 0
-    args = _resolve(args, _RUN_DEFAULTS)
-    program = registry.build(
-        args.algorithm, args.nodes, learning_rate=args.lr, topology=args.topology, **_options(args.option)
-    )
+    mpi_size = None
+    if args.transport == "mpi":
+        from jaxasync._src.runtime import mpi, worker
+
+        # One XLA / BLAS thread per rank, like the local workers (read when jax's backend starts).
+        os.environ.update(worker.thread_env(None))
+        mpi_size = mpi._mpi().COMM_WORLD.Get_size()
+        if args.algorithm is None:
+            args.algorithm = "rfast"  # the default, hogwild, needs shared memory
+    args = _resolve(args, _RUN_DEFAULTS if mpi_size is None else dict(_RUN_DEFAULTS, nodes=mpi_size))
+
+    def build(nodes):
+        return registry.build(
+            args.algorithm, nodes, learning_rate=args.lr, topology=args.topology, **_options(args.option)
+        )
+
+    program = build(args.nodes)
+    if mpi_size is not None and program.num_servers and args.nodes + program.num_servers > mpi_size:
+        args.nodes = mpi_size - program.num_servers  # the ranks hold the data nodes and the servers
+        program = build(args.nodes)
     problem = make_problem(args.problem, args.nodes, seed=args.seed, batch_size=args.batch_size, dim=args.dim)
     workers = problem.num_nodes + program.num_servers
-    print(
-        f"running {program.name} on {problem.name} with {workers} worker processes ({args.steps} steps) ...",
-        file=sys.stderr,
-    )
-    trace = local.run(
-        program,
-        problem,
-        workers=workers,
+    common = dict(
         asynchrony=_asynchrony(args),
         steps=args.steps,
         time_limit=args.time_limit,
         seed=args.seed,
         target_loss=args.target_loss,
         record_every=0.05,
-        buffer_mode=args.buffer_mode,
     )
+    where = f"{workers} worker processes" if mpi_size is None else f"{mpi_size} MPI ranks"
+    if mpi_size is None or mpi._mpi().COMM_WORLD.Get_rank() == 0:
+        print(
+            f"running {program.name} on {problem.name} with {where} ({args.steps} steps) ...", file=sys.stderr
+        )
+    if mpi_size is None:
+        trace = local.run(program, problem, workers=workers, buffer_mode=args.buffer_mode, **common)
+    else:
+        trace = mpi.run_mpi(program, problem, **common)
+        if trace is None:  # not rank 0: rank 0 writes the files and prints the table
+            return 0
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"run_{program.name}_{args.problem}")
     trace.save(stem + ".json")
@@ -266,7 +286,7 @@ def _cmd_run(args) -> int:
     rows = [
         ("algorithm", program.name),
         ("problem", problem.name),
-        ("worker processes", str(workers)),
+        ("MPI ranks" if mpi_size is not None else "worker processes", str(workers)),
         ("wall-clock", f"{wall:.2f} s"),
         ("local steps", f"{steps:g}"),
         ("steps / s", f"{steps / max(wall, 1e-9):.1f}"),
@@ -332,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         help="how shared buffers apply updates; racy and relaxed also measure the updates they lose",
     )
     run.add_argument("--target-loss", type=float, default=None, help="stop at this loss")
+    run.add_argument(
+        "--transport",
+        choices=["shm", "mpi"],
+        default="shm",
+        help="shm: worker processes on this machine; mpi: one node per rank of `mpiexec -n N jaxasync run`",
+    )
     run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("reproduce", help="reproduce a paper's claim in the simulator")
     rep.add_argument("paper", choices=["rfast", "dasgd", "asgrad", "elastic", "cluster", "all"])
