@@ -66,10 +66,6 @@ _FAIL_GRACE = 5.0  # seconds a failing rank waits for its notices to leave
 _CLOSE_GRACE = 2.0  # seconds for unfinished sends at the end
 
 
-class _RemoteFailure(local_lib.WorkerError):
-    """Another rank failed (it already told everybody)."""
-
-
 def _mpi():
     try:
         from mpi4py import MPI
@@ -248,6 +244,7 @@ class _Control:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._reqs = []
         self._status = MPI.Status()
+        self._backlog = collections.deque()  # messages that arrived during a wait, for the next poll
 
     def send(self, dst: int, tag: int, obj: Any = None) -> None:
         self._reqs.append(self.comm.isend(obj, dst, tag))
@@ -261,13 +258,17 @@ class _Control:
 
     def poll(self) -> Iterator[tuple[int, int, Any]]:
         """Every control message that has arrived, as ``(source, tag, object)``; a failure notice
-        raises :class:`_RemoteFailure` at once."""
+        raises :class:`~jaxasync._src.runtime.local.WorkerError` at once."""
+        while self._backlog:
+            yield self._backlog.popleft()
         st = self._status
         while self.comm.iprobe(self.MPI.ANY_SOURCE, self.MPI.ANY_TAG, st):
             src, tag = st.Get_source(), st.Get_tag()
             obj = self.comm.recv(source=src, tag=tag)
             if tag == _FAIL:
-                raise _RemoteFailure(f"rank {src} failed:\n{obj}")
+                err = local_lib.WorkerError(f"rank {src} failed:\n{obj}")
+                err.remote = True  # it already told everybody
+                raise err
             yield src, tag, obj
 
     def flush(self, grace: float) -> bool:
@@ -286,14 +287,13 @@ class _Control:
             time.sleep(1e-3)
         return True
 
-    def wait(self, request, what: str, timeout: float, on_message=None) -> None:
-        """Waits for an MPI request (a barrier), at most ``timeout`` seconds, handling control
-        messages meanwhile (``on_message(src, tag, obj)``); a failure notice raises."""
+    def wait(self, request, what: str, timeout: float) -> None:
+        """Waits for an MPI request (a barrier), at most ``timeout`` seconds; a failure notice
+        raises, other control messages are kept for the next :meth:`poll`."""
         end = time.monotonic() + timeout
         while not request.Test():
-            for msg in self.poll():
-                if on_message is not None:
-                    on_message(*msg)
+            arrived = list(self.poll())
+            self._backlog.extend(arrived)
             if time.monotonic() > end:
                 raise local_lib.WorkerError(
                     f"rank {self.rank}: {what} did not complete within {timeout:.0f}s"
@@ -341,15 +341,13 @@ class _Coordinator:
 class _MpiWorker(worker_lib.Worker):
     """The local runtime's worker with MPI control messages in place of a parent process."""
 
-    def setup_mpi(self, *, control, coordinator, time_limit, record_every, start_timeout, bar):
+    def setup_mpi(self, *, control, coordinator, time_limit, record_every, bar):
         self.control, self.coord = control, coordinator
-        self.time_limit, self.record_every = time_limit, record_every
-        self.start_timeout, self.bar = start_timeout, bar
+        self.time_limit, self.record_every, self.bar = time_limit, record_every, bar
         self.bar_steps = self.ctrl.load(worker_lib.LIMIT) >= 0
-        self.t0 = self.t0_ns = None
+        self.t0 = self.t0_ns = None  # set at the common start
         self.next_report = record_every
         self.done_sent = False
-        self.final_time = None
 
     # --------------------------------------------------------------------- helpers
 
@@ -598,12 +596,22 @@ def run_mpi(
         timed out.
     """
     from jaxasync._src import asynchrony as asynchrony_lib
+    from jaxasync._src import program as program_lib
     from jaxasync._src import progress as progress_lib
     from jaxasync._src import trace as trace_lib
 
     MPI = _mpi()
     comm = MPI.COMM_WORLD if comm is None else comm
     rank, n = comm.Get_rank(), comm.Get_size()
+    shared_memory = isinstance(algorithm, program_lib.NodeProgram) and (
+        algorithm.shared or algorithm.needs_shared_memory
+    )
+    if shared_memory:
+        raise ValueError(
+            f"{algorithm.name} needs shared memory (shared objects {sorted(algorithm.shared)}) but the MPI "
+            "transport has none (ranks may be on different hosts): run it on one machine with "
+            "jaxasync.run"
+        )
     servers = int(getattr(algorithm, "num_servers", 0))
     if getattr(problem, "num_nodes", None) is not None and problem.num_nodes + servers != n:
         extra = f" plus {servers} data-less server(s)" if servers else ""
@@ -667,37 +675,34 @@ def run_mpi(
             coordinator=coord,
             time_limit=time_limit,
             record_every=record_every,
-            start_timeout=start_timeout,
             bar=bar,
         )
 
-        # The initial states (record 0) and host names go to rank 0, then a common start.
+        # The initial states (record 0) and host names go to rank 0, then a common start. Rank 0
+        # enters the barrier only with every initial report in, so none can be overtaken by a
+        # later message of a rank that already started.
         hosts = {rank: MPI.Get_processor_name()}
         if rank == 0:
             coord.store(0, worker.row_now(), worker.state_bytes())
-        else:
-            control.send(0, _REPORT, (0, 0.0, worker.row_now(), worker.state_bytes(), hosts[rank]))
-
-        def early(src, tag, obj):
-            if tag != _REPORT or rank != 0:
-                raise RuntimeError(f"rank {rank}: unexpected control message {tag} from rank {src} at start")
-            coord.store(src, obj[2], obj[3])
-            hosts[src] = obj[4]
-
-        control.wait(ctrl_comm.Ibarrier(), "the start (all ranks compiled and ready)", start_timeout, early)
-        if rank == 0:
-            # Every initial report was sent before its rank entered the barrier: wait for the rest.
-            end = time.monotonic() + stall_timeout
+            end = time.monotonic() + start_timeout
             while len(hosts) < n:
-                for msg in control.poll():
-                    early(*msg)
+                for src, tag, obj in control.poll():
+                    if tag != _REPORT:
+                        raise RuntimeError(f"rank 0: unexpected control message {tag} from rank {src}")
+                    coord.store(src, obj[2], obj[3])
+                    hosts[src] = obj[4]
                 if time.monotonic() > end:
                     missing = sorted(set(range(n)) - set(hosts))
-                    raise local_lib.WorkerError(f"rank 0: no initial state from ranks {missing}")
+                    raise local_lib.WorkerError(
+                        f"rank 0: ranks {missing} were not ready within {start_timeout:.0f}s"
+                    )
                 time.sleep(1e-3)
             coord.report_round[:] = 0
             coord.record(0.0)
-            bar.start = time.monotonic()
+        else:
+            control.send(0, _REPORT, (0, 0.0, worker.row_now(), worker.state_bytes(), hosts[rank]))
+        control.wait(ctrl_comm.Ibarrier(), "the start (all ranks ready)", start_timeout)
+        bar.start = time.monotonic()
         worker.t0, worker.t0_ns = time.perf_counter(), time.monotonic_ns()
         ctrl.store(W.START, 1)
 
@@ -720,13 +725,11 @@ def run_mpi(
             control.send(0, _FINAL, (worker.row_now(), worker.state_bytes(), end_time))
         control.flush(stall_timeout)
         control.wait(ctrl_comm.Ibarrier(), "the final barrier", stall_timeout)
-    except _RemoteFailure:
-        control.flush(_FAIL_GRACE)
-        raise
-    except BaseException:
+    except BaseException as e:
         # Tell everybody (they raise instead of waiting for us), then fail here too.
         with contextlib.suppress(Exception):
-            control.others(_FAIL, f"{traceback.format_exc()}")
+            if not getattr(e, "remote", False):
+                control.others(_FAIL, traceback.format_exc())
             control.flush(_FAIL_GRACE)
         raise
     finally:
