@@ -139,10 +139,21 @@ def asgrad_loop(a, b, steps, lr, seed=0):
 # ----------------------------------------------------------------------------- measurement
 
 
-def _timed_simulate(program, problem, asynchrony, steps, seeds=None, executor="events"):
+def _best(fn, *args) -> float:
+    """Seconds of the fastest of ``REPEATS`` calls of a compiled function."""
+    best = np.inf
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _timed_simulate(program, problem, asynchrony, steps, seeds=None, executor="events", phases=None):
     """(events, seconds of the first call, seconds of the fastest of ``REPEATS`` compiled calls).
 
-    ``executor="schedule"`` times both of its phases: drawing the schedule and applying it.
+    ``executor="schedule"`` times both of its phases: drawing the schedule and applying it. With a
+    dict ``phases`` (one seed) it also stores each phase's fastest time and the rounds applied.
     """
     arg = jnp.int32(0) if seeds is None else jnp.arange(seeds, dtype=jnp.int32)
     n = simulator.num_nodes(program, problem)
@@ -178,12 +189,15 @@ def _timed_simulate(program, problem, asynchrony, steps, seeds=None, executor="e
     start = time.perf_counter()
     out = jax.block_until_ready(fn(arg))
     first = time.perf_counter() - start
-    second = np.inf
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(arg))
-        second = min(second, time.perf_counter() - start)
+    second = _best(fn, arg)
     events = int(np.sum(np.asarray(out[1]["events"])[..., -1]))
+    if phases is not None and executor == "schedule":
+        draw_one = lambda a: scheduled.draw(static, params, a, K=K, barrier_steps=barriers, total_steps=steps)
+        sched, _ = draw_one(arg)
+        apply_one = compiled[scheduled.ring_depth(sched)]
+        phases.update(
+            draw=_best(draw_one, arg), apply=_best(apply_one, arg, sched), rounds=int(out[0].rounds)
+        )
     return events, first, second
 
 
@@ -194,7 +208,7 @@ def main(argv=None):
     problem, a, b = _data()
     print(f"device: {jax.devices()[0]}  n={N} d={D} batch={BATCH} steps={args.steps}", file=sys.stderr)
 
-    rows = []
+    rows, budgets = [], []
     lr = 0.005  # converges in both implementations (0.02 diverges)
     ring = ja.topology.directed_ring(N)
     # the loop's gamma is R-FAST's learning_rate over its effective-step factor, as jaxasync does it
@@ -229,7 +243,11 @@ def main(argv=None):
         )
         executor = "schedule" if oblivious else "events"  # the fastest executor for one seed
         print(f"{name}: simulate ({executor} executor) ...", file=sys.stderr)
-        events, first, second = _timed_simulate(program, prob, asyn, args.steps, executor=executor)
+        phases = {}
+        events, first, second = _timed_simulate(
+            program, prob, asyn, args.steps, executor=executor, phases=phases
+        )
+        budgets.append((name, executor, events / loop_rate / 30, events, second, phases))
         print(f"{name}: simulate x8 seeds ...", file=sys.stderr)
         events8, _, second8 = _timed_simulate(program, prob, asyn, args.steps, seeds=8)
         print(f"{name}: simulate x64 seeds ...", file=sys.stderr)
@@ -306,6 +324,21 @@ def main(argv=None):
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+    print("\n30x budget (the loop's time for the same events / 30) against the executor's time:")
+    for name, executor, budget, events, second, phases in budgets:
+        line = f"{name} [{executor}]: budget {budget * 1e3:.1f} ms, simulate {second * 1e3:.1f} ms"
+        if phases:  # the schedule's phases, and its rounds: the causal depth it cannot go below
+            line += (
+                f" = draw {phases['draw'] * 1e3:.1f} ms + apply {phases['apply'] * 1e3:.1f} ms"
+                f" ({phases['rounds']} rounds x {phases['apply'] / phases['rounds'] * 1e6:.1f} us;"
+                f" the budget is {budget / phases['rounds'] * 1e6:.1f} us per round, draw included)"
+            )
+        else:  # one event at a time
+            line += (
+                f" for {events} events ({second / events * 1e6:.2f} us each;"
+                f" the budget is {budget / events * 1e6:.2f} us each)"
+            )
+        print(line)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,22 @@ def test_other_oblivious_programs_converge(name):
     tr = ja.simulate(program, _problem(None), asyn, steps=600, record_every=60, executor="schedule")
     assert np.mean(tr["gap"][-5:]) < 0.2 * tr["gap"][0], tr["gap"]  # DASGD's model wobbles: a mean
     np.testing.assert_array_equal(tr["sent"], tr["lost"] + tr["delivered"] + tr["dropped"] + tr["in_flight"])
+
+
+def test_rounds_are_the_events_in_order_and_fewer_side_by_side():
+    """The reference order applies one event per round; side by side, a round applies many, but a
+    node's jobs stay in sequence."""
+    program, problem, steps = _rfast(), _problem(), 200
+    static = simulator.make_static(program, problem, FAULTS, None, unrolled_keys=True)
+    params = simulator.make_params(FAULTS, N)
+    K, barriers, per_record = scheduled.plan(FAULTS, N, steps, steps, 7)
+    finals = {}
+    for parallel in (False, True):
+        sched, _ = scheduled.draw(
+            static, params, jnp.int32(0), K=K, barrier_steps=barriers, total_steps=steps, collapse=parallel
+        )
+        run = scheduled._compiled_run(static, scheduled.ring_depth(sched), 1, per_record, parallel, False)
+        finals[parallel] = run(params, jnp.int32(0), sched)
+    (carry, out), (carry_p, _) = finals[False], finals[True]
+    assert int(carry.rounds) == int(out["events"][-1])
+    assert int(np.max(carry_p.jobs_done)) <= int(carry_p.rounds) < int(out["events"][-1]) // 4

@@ -334,6 +334,7 @@ class _Carry(NamedTuple):
     shared: dict  # always empty (oblivious programs have no shared objects); read by the metrics
     held: tuple  # per collapsed channel: int32 [n, m_in], the sending job of the newest message taken in
     unsent: jax.Array  # int32: newest messages of collapsed channels that their job did not send
+    rounds: jax.Array  # int32: rounds applied (the schedule's causal depth, plus barrier waits)
 
 
 SENT, LOST, DELIVERED, DROPPED = range(4)  # the rows of _Carry.tally
@@ -368,6 +369,7 @@ def _init_carry(static, params, seed, depth: int, collapsed: tuple) -> _Carry:
         shared={},
         held=tuple(jnp.full(_in_edges(static, ci)[0].shape, -1, jnp.int32) for ci in collapsed),
         unsent=jnp.int32(0),
+        rounds=jnp.int32(0),
     )
 
 
@@ -388,7 +390,8 @@ def _round(static, params, k_events, sched: Schedule, carry: _Carry, end, parall
     for ci in range(len(static.channel_names)):
         if ci not in collapsed:
             carry = _delivery_stage(static, params, sched, carry, end, ci, chosen)
-    return _job_stage(static, params, k_events, sched, carry, end, chosen, collapsed)
+    carry = _job_stage(static, params, k_events, sched, carry, end, chosen, collapsed)
+    return carry._replace(rounds=carry.rounds + 1)
 
 
 def _take_newest(static, carry: _Carry, collapsed: tuple, newest: tuple, apply):
