@@ -16,11 +16,13 @@ Contract:
   communicator instead of a parent process (:class:`_MpiWorker` overrides ``maybe_report``, which
   the worker calls once per round).
 * **Messages only.** :class:`MpiTransport` implements the :class:`~.transport.Endpoint` protocol with
-  non-blocking sends (``Isend``, at most ``mailbox_capacity`` unfinished per edge, like a mailbox) and
-  polling receives (``Improbe``) of fixed-size raw bytes (:class:`~.transport.Codec`) plus the
-  sequence number, all outside ``jit``. Programs with shared objects
-  (:class:`~jaxasync._src.program.Buffer`, :class:`~jaxasync._src.program.Registers`: Hogwild!,
-  cluster SGD, ...) are rejected with a ``ValueError``: ranks on different hosts share no memory.
+  non-blocking synchronous sends (``Issend``: finished once the receiver took the message, so at
+  most ``mailbox_capacity`` untaken messages per edge, like a mailbox; plain ``Isend`` finishes as
+  soon as MPI buffered it, which bounds nothing) and polling receives (``Improbe``) of fixed-size
+  raw bytes (:class:`~.transport.Codec`) plus the sequence number, all outside ``jit``. Programs
+  with shared objects (:class:`~jaxasync._src.program.Buffer`,
+  :class:`~jaxasync._src.program.Registers`: Hogwild!, cluster SGD, ...) are rejected with a
+  ``ValueError``: ranks on different hosts share no memory.
 * **Stopping.** ``steps`` means what it means for the local runtime, local steps summed over the
   nodes, and is exact: rank ``i`` runs ``steps // N`` of them, plus one if ``i < steps % N``. A
   rank also stops stepping at ``time_limit`` seconds (its clock starts at a common barrier) and
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import time
 import traceback
 from collections.abc import Iterator
@@ -134,8 +137,8 @@ class MpiTransport:
       comm: an ``mpi4py`` communicator used for data messages only (tag = channel number).
       out_tables, recv_slots: per channel, the graph's ``out_table`` and ``out_recv_slot``.
       sizes: per channel, bytes per message (``Codec.size``).
-      capacity: unfinished sends per edge before :meth:`MpiEndpoint.send` says "no room", or None
-        for :func:`~.transport.mailbox_capacity`'s default.
+      capacity: messages per edge the receiver has not taken yet before :meth:`MpiEndpoint.send`
+        says "no room", or None for :func:`~.transport.mailbox_capacity`'s default.
     """
 
     provides_shared_memory = False
@@ -161,7 +164,7 @@ class MpiTransport:
 
 
 class MpiEndpoint:
-    """A rank's end: unfinished ``Isend`` requests per edge and the receivers' slot table."""
+    """A rank's end: unfinished ``Issend`` requests per edge and the receivers' slot table."""
 
     def __init__(self, transport: MpiTransport, node: int):
         self.MPI = _mpi()
@@ -186,7 +189,7 @@ class MpiEndpoint:
         buf[:_SEQ_BYTES].view(np.int64)[0] = seq
         buf[_SEQ_BYTES:] = payload
         # The buffer must live until the send finishes: it stays in the queue with its request.
-        queue.append((self.comm.Isend([buf, self.MPI.BYTE], dst, tag=channel), buf))
+        queue.append((self.comm.Issend([buf, self.MPI.BYTE], dst, tag=channel), buf))
         return True
 
     def poll(self) -> Iterator[transport_lib.Incoming]:
@@ -219,17 +222,16 @@ class MpiEndpoint:
         return sum(1 for _ in self.poll())
 
     def close(self, grace: float = _CLOSE_GRACE) -> None:
-        """Waits up to ``grace`` seconds for unfinished sends, then cancels the rest."""
+        """Waits up to ``grace`` seconds for unfinished sends (there are none after a drained run),
+        then abandons the rest: cancelling a synchronous send whose receiver has exited crashed
+        MPICH (SIGSEGV), and an abandoned one only keeps its buffer until the process exits."""
         reqs = [r for q in self._out.values() for r, _ in q]
         end = time.monotonic() + grace
         while reqs and time.monotonic() < end:
             reqs = [r for r in reqs if not r.Test()]
             if reqs:
                 time.sleep(1e-3)
-        for r in reqs:
-            with contextlib.suppress(Exception):
-                r.Cancel()
-                r.Free()
+        self._abandoned = [(r, b) for q in self._out.values() for r, b in q if not r.Test()]
         self._out.clear()
 
 
@@ -278,18 +280,16 @@ class _Control:
             self._reqs = [r for r in self._reqs if not r.Test()]
             if not self._reqs:
                 break
-            if time.monotonic() > end:
-                for r in self._reqs:
-                    with contextlib.suppress(Exception):
-                        r.Cancel()
-                self._reqs = []
+            if time.monotonic() > end:  # abandoned, not cancelled (see MpiEndpoint.close)
+                self._abandoned, self._reqs = self._reqs, []
                 return False
             time.sleep(1e-3)
         return True
 
-    def wait(self, request, what: str, timeout: float) -> None:
+    def wait(self, request, what: str, timeout: float, spin: bool = False) -> None:
         """Waits for an MPI request (a barrier), at most ``timeout`` seconds; a failure notice
-        raises, other control messages are kept for the next :meth:`poll`."""
+        raises, other control messages are kept for the next :meth:`poll`. With ``spin`` it only
+        yields the core between two tests instead of sleeping (for waits known to be short)."""
         end = time.monotonic() + timeout
         while not request.Test():
             arrived = list(self.poll())
@@ -298,7 +298,10 @@ class _Control:
                 raise local_lib.WorkerError(
                     f"rank {self.rank}: {what} did not complete within {timeout:.0f}s"
                 )
-            time.sleep(1e-3)
+            if spin:
+                os.sched_yield()
+            else:
+                time.sleep(1e-3)
 
 
 class _Coordinator:
@@ -573,8 +576,8 @@ def run_mpi(
         in the local runtime; ``crashes`` are not supported (ValueError).
       target_loss: halt every rank at the first record with ``loss <= target_loss``.
       record_every: seconds between two records (default ``time_limit / 50`` or 0.25 s).
-      mailbox_capacity: unfinished sends per edge before a sender waits (default: as the local
-        runtime's mailboxes).
+      mailbox_capacity: messages per edge the receiver has not taken yet before a sender waits
+        (draining its own inbox meanwhile), as the local runtime's mailbox capacity (same default).
       progress: draw a progress bar on rank 0's stderr (default: if it is a terminal).
       callback: ``callback(record) -> bool | None`` on rank 0 at each record; True halts the run.
       comm: the ``mpi4py`` communicator whose ranks are the nodes (default ``COMM_WORLD``).
@@ -627,7 +630,13 @@ def run_mpi(
         record_every = time_limit / 50 if time_limit is not None else 0.25
     record_every = max(float(record_every), 0.01)
 
-    data_comm, ctrl_comm = comm.Dup(), comm.Dup()
+    # Two private communicators (our tags never meet the user's), made without a blocking call.
+    (data_comm, r1), (ctrl_comm, r2) = comm.Idup(), comm.Idup()
+    end = time.monotonic() + start_timeout
+    while not MPI.Request.Testall([r1, r2]):
+        if time.monotonic() > end:
+            raise local_lib.WorkerError(f"rank {rank}: the other ranks did not call run_mpi")
+        time.sleep(1e-3)
     control = _Control(ctrl_comm, MPI)
     worker = coord = None
     bar = progress_lib.Progress(
@@ -702,6 +711,9 @@ def run_mpi(
         else:
             control.send(0, _REPORT, (0, 0.0, worker.row_now(), worker.state_bytes(), hosts[rank]))
         control.wait(ctrl_comm.Ibarrier(), "the start (all ranks ready)", start_timeout)
+        # A second barrier, spun: the first one's sleeping waits let ranks leave up to ~1 ms apart,
+        # and a rank that starts first stays about that many steps ahead of its neighbours.
+        control.wait(ctrl_comm.Ibarrier(), "the start", stall_timeout, spin=True)
         bar.start = time.monotonic()
         worker.t0, worker.t0_ns = time.perf_counter(), time.monotonic_ns()
         ctrl.store(W.START, 1)
