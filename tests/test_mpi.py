@@ -176,6 +176,7 @@ def test_steps_are_split_exactly_over_the_ranks():
     assert mpi._shares(300, 3) == [100, 100, 100]
     assert mpi._shares(2, 3) == [1, 1, 0]
     assert mpi._shares(None, 2) == [-1, -1]
+    assert mpi._shares(7, 4, data_nodes=3) == [3, 2, 2, 0]  # the server (rank 3) never steps
 
 
 def test_local_stand_ins_behave_like_the_shared_objects():

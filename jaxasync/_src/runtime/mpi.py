@@ -24,7 +24,8 @@ Contract:
   :class:`~jaxasync._src.program.Registers`: Hogwild!, cluster SGD, ...) are rejected with a
   ``ValueError``: ranks on different hosts share no memory.
 * **Stopping.** ``steps`` means what it means for the local runtime, local steps summed over the
-  nodes, and is exact: rank ``i`` runs ``steps // N`` of them, plus one if ``i < steps % N``. A
+  nodes, and is exact: data node ``i`` of ``D`` runs ``steps // D`` of them, plus one if
+  ``i < steps % D`` (servers never step). A
   rank also stops stepping at ``time_limit`` seconds (its clock starts at a common barrier) and
   when rank 0 halts everybody (``target_loss`` reached, ``callback`` returned True, or no progress
   for ``stall_timeout`` seconds). A rank that stopped stepping keeps handling messages; when every
@@ -530,10 +531,13 @@ class _MpiWorker(worker_lib.Worker):
 # ---------------------------------------------------------------------------------------- the run
 
 
-def _shares(steps: int | None, n: int) -> list:
+def _shares(steps: int | None, n: int, data_nodes: int | None = None) -> list:
+    """Each rank's exact part of ``steps``: split over the data nodes, none for the servers (which
+    never step); -1 (no limit) without ``steps``."""
+    m = n if data_nodes is None else data_nodes
     if steps is None:
         return [-1] * n
-    return [steps // n + (1 if i < steps % n else 0) for i in range(n)]
+    return [steps // m + (1 if i < steps % m else 0) if i < m else 0 for i in range(n)]
 
 
 def run_mpi(
@@ -653,7 +657,7 @@ def run_mpi(
         ctrl = LocalCells(W.ALIVE0 + n)
         for i in range(n):
             ctrl.store(W.ALIVE0 + i, 1)
-        ctrl.store(W.LIMIT, _shares(steps, n)[rank])
+        ctrl.store(W.LIMIT, _shares(steps, n, n - servers)[rank])
         counters = LocalCells(n * W.NCOUNT)
         reports = [LocalRegister(layout.state_codec.size) for _ in range(n)]
         shared = W.Shared(ctrl, counters, reports, {}, {}, transport)
