@@ -40,10 +40,12 @@ Contract:
   Mid-run records combine reports taken at about the same time on different clocks; only the last
   record is a consistent cut.
 * **Failures.** A rank that raises sends its traceback to every other rank and re-raises; the others
-  raise :class:`~jaxasync._src.runtime.local.WorkerError` ``"rank i failed: ..."``. Every wait is
-  bounded (``start_timeout`` for start-up, ``stall_timeout`` for a silent rank), so a rank that died
-  without a word (killed) makes the others raise rather than hang. Crash injection is not supported
-  (an MPI job does not survive a dead rank by default).
+  raise :class:`~jaxasync._src.runtime.local.WorkerError` ``"rank i failed: ..."``. A rank killed
+  by a signal ends the whole job (``mpiexec`` cleans up); should the job survive it (fault-tolerance
+  flags), every wait is still bounded: ``start_timeout`` for start-up, and ``stall_timeout`` for a
+  silent rank (rank 0 halts the run, then gives up on ranks that do not stop; the others hear from
+  rank 0 at least every ``stall_timeout / 4`` seconds and give up on it after ``stall_timeout``).
+  Crash injection is not supported.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from jaxasync._src.runtime import transport as transport_lib
 from jaxasync._src.runtime import worker as worker_lib
 
 # Tags of the control communicator (the data communicator's tag is the channel number).
-_REPORT, _DONE, _PROBE, _COUNTS, _HALT, _STOP, _FINAL, _FAIL = range(1, 9)
+_REPORT, _DONE, _PROBE, _COUNTS, _HALT, _STOP, _FINAL, _FAIL, _BEAT = range(1, 10)
 _SEQ_BYTES = 8  # an int64 sequence number precedes every payload
 _POLL_MISSES = 2  # empty probes before a poll gives up (see MpiEndpoint.poll)
 _FAIL_GRACE = 5.0  # seconds a failing rank waits for its notices to leave
@@ -345,9 +347,11 @@ class _Coordinator:
 class _MpiWorker(worker_lib.Worker):
     """The local runtime's worker with MPI control messages in place of a parent process."""
 
-    def setup_mpi(self, *, control, coordinator, time_limit, record_every, bar):
+    def setup_mpi(self, *, control, coordinator, time_limit, record_every, stall_timeout, bar):
         self.control, self.coord = control, coordinator
         self.time_limit, self.record_every, self.bar = time_limit, record_every, bar
+        self.stall_timeout = stall_timeout
+        self.heard = 0.0  # when rank 0 last spoke to us (its heartbeat, or we sent its last beat)
         self.bar_steps = self.ctrl.load(worker_lib.LIMIT) >= 0
         self.t0 = self.t0_ns = None  # set at the common start
         self.next_report = record_every
@@ -398,7 +402,15 @@ class _MpiWorker(worker_lib.Worker):
         now = self.elapsed()
         rank0 = self.node == 0
         for src, tag, obj in self.control.poll():
+            self.heard = now
             self.on_message(src, tag, obj, now)
+        if rank0 and now - self.heard >= self.stall_timeout / 4:
+            self.heard = now
+            self.control.others(_BEAT)  # lets the others tell a silent rank 0 from a long run
+        elif not rank0 and now - self.heard > self.stall_timeout:
+            raise local_lib.WorkerError(
+                f"rank {self.node}: no word from rank 0 for {self.stall_timeout:.0f}s (did it die?)"
+            )
         if self.time_limit is not None and now >= self.time_limit:
             self.halt()
         if now >= self.next_report:
@@ -421,7 +433,9 @@ class _MpiWorker(worker_lib.Worker):
             self.coordinate(now)
 
     def on_message(self, src: int, tag: int, obj: Any, now: float) -> None:
-        if tag == _HALT:
+        if tag == _BEAT:
+            pass
+        elif tag == _HALT:
             self.halt()
         elif tag == _PROBE:
             self.control.send(0, _COUNTS, (obj, *self.network_counts()))
@@ -688,6 +702,7 @@ def run_mpi(
             coordinator=coord,
             time_limit=time_limit,
             record_every=record_every,
+            stall_timeout=stall_timeout,
             bar=bar,
         )
 
