@@ -586,7 +586,8 @@ def run_mpi(
       import jaxasync as ja
 
       problem = ja.problems.least_squares(4, dim=20, samples_per_node=64, batch_size=8)
-      program = ja.algorithms.rfast(ja.topology.ring(4), learning_rate=0.05)
+      ring = ja.topology.ring(4)
+      program = ja.algorithms.rfast(ring, ring, learning_rate=0.02)
       trace = ja.run_mpi(program, problem, steps=4000)
       if trace is not None:  # rank 0
           print(trace.final("loss"))
@@ -594,7 +595,10 @@ def run_mpi(
     Args:
       algorithm: a message-passing :class:`~jaxasync._src.program.NodeProgram` (no shared objects).
       problem: a :class:`jaxasync.Problem`; the same on every rank (rank ``i`` uses shard ``i``).
-      steps: local steps summed over the ranks, split exactly (see the module docstring).
+      steps: local steps summed over the data nodes, split exactly (see the module docstring);
+        lock-step algorithms (D-PSGD, all-reduce) need a multiple of the number of data nodes
+        (a node with one step more would wait for its neighbours' next round until
+        ``stall_timeout``).
       time_limit: wall-clock seconds each rank steps for (after the common start).
       seed: seed of the initial keys, the minibatches and the injected loss.
       asynchrony: optional :class:`jaxasync.Asynchrony`; ``stragglers`` and ``loss`` are injected as
