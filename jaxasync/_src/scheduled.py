@@ -147,7 +147,9 @@ def draw_schedule(
     # jobs extend a schedule without changing it.
     nodes = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, K))
     jobs = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32)[None, :], (n, K))
-    durations = _draws(static.compute_kind, _keys(k_jobs, jobs * n + nodes), params["compute_scales"])
+    durations = _draws(
+        static.compute_kind, _keys(k_jobs, jobs * n + nodes), params["compute_scales"][:, None]
+    )
     job_time = jnp.cumsum(durations * params["stragglers"][:, None], axis=1)  # [n, K]
     job_ok = job_time < params["crash_times"][:, None]
 
@@ -167,7 +169,8 @@ def draw_schedule(
         m = table.shape[1]
         k_delay, k_loss = jax.random.split(jax.random.fold_in(k_msgs, ci))
         message = (jobs * n + nodes)[:, :, None] * m + jnp.arange(m, dtype=jnp.int32)
-        delay = _draws(static.delay_kind, _keys(k_delay, message), params["delay_scales"])
+        edge_scales = params["delay_scales"][jnp.arange(n)[:, None], jnp.maximum(table, 0)]  # [src, dst]
+        delay = _draws(static.delay_kind, _keys(k_delay, message), edge_scales[:, None, :])
         lost = jax.vmap(lambda k: jax.random.bernoulli(k, params["loss"]))(_keys(k_loss, message).ravel())
         lost = lost.reshape(message.shape)
         lost_draws.append(lost)
@@ -302,8 +305,8 @@ def _keys(key: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _draws(kind: str, keys: jax.Array, scales: jax.Array) -> jax.Array:
-    """One draw of ``kind`` per key (keys ``[n, ...]``), with the scale of the key's node."""
-    scale = jnp.broadcast_to(scales.reshape((-1,) + (1,) * (keys.ndim - 1)), keys.shape)
+    """One draw of ``kind`` per key, with ``scales`` broadcast to the keys' shape."""
+    scale = jnp.broadcast_to(scales, keys.shape)
     flat = jax.vmap(functools.partial(asynchrony_lib.sample, kind))(keys.ravel(), scale.ravel())
     return flat.reshape(keys.shape)
 
@@ -617,6 +620,7 @@ def _metrics(static, carry: _Carry, params: dict) -> dict:
         dropped=dropped,
         overflow=jnp.zeros_like(sent),  # rings are deep enough by construction
         bytes_sent=sent * jnp.asarray(static.payload_bytes, jnp.float32),
+        bytes_lost=lost * jnp.asarray(static.payload_bytes, jnp.float32),
         staleness_sum=jnp.float32(0),  # no shared objects
         staleness_max=jnp.int32(0),
         updates=jnp.int32(0),

@@ -49,6 +49,7 @@ class Counters(NamedTuple):
     dropped: jax.Array  # int32 [C]: messages whose receiver had crashed
     overflow: jax.Array  # int32 [C]: messages dropped because the in-flight pool was full
     bytes_sent: jax.Array  # float32 [C]
+    bytes_lost: jax.Array  # float32 [C]: bytes of the messages lost
     staleness_sum: jax.Array  # float32: shared-buffer updates applied between a node's read and write
     staleness_max: jax.Array  # int32
     updates: jax.Array  # int32: shared-buffer updates applied
@@ -296,8 +297,9 @@ def _send(
         want = ob.mask & (dst >= 0)
         m = dst.shape[0]
         k_delay, k_loss = jax.random.split(jax.random.fold_in(key, ci))
-        delays = jax.vmap(lambda k: asynchrony_lib.sample(static.delay_kind, k, delay_scales[node]))(
-            jax.random.split(k_delay, m)
+        scales = delay_scales[node, jnp.maximum(dst, 0)]  # per edge: [src, dst]
+        delays = jax.vmap(functools.partial(asynchrony_lib.sample, static.delay_kind))(
+            jax.random.split(k_delay, m), scales
         )
         lost = want & jax.random.bernoulli(k_loss, loss, (m,))
         go = want & ~lost
@@ -324,12 +326,13 @@ def _send(
             ),
         )
         seq = seq.at[ci, node].add(jnp.any(want).astype(jnp.int32))
-        nsent = jnp.sum(want).astype(jnp.int32)
+        nsent, nlost = jnp.sum(want).astype(jnp.int32), jnp.sum(lost).astype(jnp.int32)
         c = c._replace(
             sent=c.sent.at[ci].add(nsent),
-            lost=c.lost.at[ci].add(jnp.sum(lost).astype(jnp.int32)),
+            lost=c.lost.at[ci].add(nlost),
             overflow=c.overflow.at[ci].add(overflow.astype(jnp.int32)),
             bytes_sent=c.bytes_sent.at[ci].add(nsent * static.payload_bytes[ci]),
+            bytes_lost=c.bytes_lost.at[ci].add(nlost * static.payload_bytes[ci]),
         )
     return carry._replace(pools=tuple(pools), seq=seq, counters=c)
 
@@ -547,6 +550,7 @@ def _init_carry(static: _Static, params: dict, seed, log_size: int) -> _Carry:
         dropped=zc,
         overflow=zc,
         bytes_sent=jnp.zeros((nc,), jnp.float32),
+        bytes_lost=jnp.zeros((nc,), jnp.float32),
         staleness_sum=jnp.float32(0),
         staleness_max=jnp.int32(0),
         updates=jnp.int32(0),
@@ -614,6 +618,7 @@ def _metrics(static: _Static, carry, params: dict, in_flight: jax.Array) -> dict
         dropped=jnp.sum(c.dropped),
         overflow=jnp.sum(c.overflow),
         bytes_sent=jnp.sum(c.bytes_sent),
+        bytes_lost=jnp.sum(c.bytes_lost),
         alive=jnp.sum(alive),
         staleness_mean=c.staleness_sum / jnp.maximum(c.updates, 1),
         staleness_max=c.staleness_max,
@@ -744,11 +749,15 @@ def make_static(
 
 
 def make_params(asynchrony: asynchrony_lib.Asynchrony, n: int) -> dict:
-    """The asynchrony spec as arrays (so it can be vmapped over, e.g. several loss rates)."""
+    """The asynchrony spec as arrays (so it can be vmapped over, e.g. several loss rates).
+
+    Delay scales are always per edge (``[n, n]``, ``[src, dst]``), so specs with scalar, per-node
+    and per-edge delays share one compiled simulation.
+    """
     asynchrony.check_nodes(n)
     return dict(
         compute_scales=jnp.asarray(asynchrony.compute_time.scales(n)),
-        delay_scales=jnp.asarray(asynchrony.delay.scales(n)),
+        delay_scales=jnp.asarray(asynchrony.delay.edge_scales(n)),
         stragglers=jnp.asarray(asynchrony.straggler_factors(n)),
         crash_times=jnp.asarray(asynchrony.crash_times(n)),
         loss=jnp.float32(asynchrony.loss),
@@ -853,8 +862,9 @@ def simulate(
 
     Returns:
       A :class:`Trace` with ``time, events, steps, node_steps`` (per node), ``loss, grad_norm, gap,
-      consensus, sent, lost, delivered, dropped, overflow, in_flight, bytes_sent, alive,
-      staleness_mean, staleness_max`` and the algorithm's own metrics. Message counts always satisfy
+      consensus, sent, lost, delivered, dropped, overflow, in_flight, bytes_sent, bytes_lost, alive,
+      staleness_mean, staleness_max`` and the algorithm's own metrics (``bytes_sent`` counts the
+      lost messages too). Message counts always satisfy
       ``sent == lost + delivered + dropped + overflow + in_flight``. Same seed, same trace, bit for
       bit.
     """

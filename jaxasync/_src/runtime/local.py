@@ -23,7 +23,8 @@ Semantics (what differs from the simulator, and why):
   (:class:`~jaxasync._src.runtime.worker.Pace`); messages that arrive meanwhile wait until its
   next round, which handles them before the next step; CPU time, unlike wall time, does not grow
   with the machine's load),
-  ``loss`` (a Bernoulli draw per message before it is sent, counted in ``lost``)
+  ``loss`` (a Bernoulli draw per message before it is sent, counted in ``lost`` and, like the
+  messages delivered, in ``bytes_sent``; their bytes in ``bytes_lost``)
   and ``crashes`` (``{node: seconds}``: the parent SIGKILLs that worker at that wall-clock time).
   ``compute_time`` and ``delay`` describe simulated time and are ignored here.
 * **Messages** are never dropped for lack of room: a sender whose mailbox is full drains its own
@@ -453,6 +454,10 @@ def _counter_totals(shared: worker_lib.Shared, n: int) -> dict:
     c = shared.counters
     W = worker_lib
     rows = np.array([[c.load(i * W.NCOUNT + k) for k in range(W.NCOUNT)] for i in range(n)], np.int64)
+    sent, lost, nbytes = rows[:, W.C_SENT], rows[:, W.C_LOST], rows[:, W.C_BYTES]
+    # Workers count messages and bytes per node, not per channel: a node's lost messages times its
+    # mean message size, exact (float64 division of integers) when a node's messages have one size.
+    bytes_lost = np.sum(lost * nbytes / np.maximum(sent, 1))
     return dict(
         node_steps=rows[:, W.C_STEPS],
         sent=rows[:, W.C_SENT].sum(),
@@ -460,6 +465,7 @@ def _counter_totals(shared: worker_lib.Shared, n: int) -> dict:
         delivered=rows[:, W.C_DELIVERED].sum(),
         dropped=rows[:, W.C_DROPPED].sum(),
         bytes_sent=rows[:, W.C_BYTES].sum(),
+        bytes_lost=bytes_lost,
         stale_sum=rows[:, W.C_STALE_SUM].sum(),
         stale_max=rows[:, W.C_STALE_MAX].max(),
         updates=rows[:, W.C_UPDATES].sum(),
@@ -487,6 +493,7 @@ def _record(shared: worker_lib.Shared, metrics: _Metrics, n: int, now: float, al
         dropped=tot["dropped"],
         overflow=np.int64(0),
         bytes_sent=np.float64(tot["bytes_sent"]),
+        bytes_lost=np.float64(tot["bytes_lost"]),
         alive=np.int64(np.sum(alive)),
         staleness_mean=np.float32(tot["stale_sum"] / max(tot["updates"], 1)),
         staleness_max=np.int64(tot["stale_max"]),
