@@ -1,5 +1,6 @@
 """The simulator: determinism, exact event counts, crashes, loss, and bad specifications."""
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -96,6 +97,7 @@ def test_converges_and_counts_messages_exactly():
     assert 0.25 < tr["lost"][-1] / tr["sent"][-1] < 0.35  # Bernoulli(0.3) over ~2000 draws
     assert tr["overflow"][-1] == 0
     assert tr["bytes_sent"][-1] == tr["sent"][-1] * 3 * 4
+    np.testing.assert_array_equal(tr["bytes_lost"], tr["lost"] * 3 * 4)  # one channel: 3 float32
 
 
 def test_fixed_compute_times_and_stragglers_give_exact_step_counts():
@@ -171,6 +173,8 @@ def test_unknown_node_ids_and_wrong_lengths():
         ja.simulate(_gossip(RING), _problem(N), ja.Asynchrony(crashes={7: 1.0}), steps=10)
     with pytest.raises(ValueError, match="3 scales given for 4 nodes"):
         ja.simulate(_gossip(RING), _problem(N), ja.Asynchrony(compute_time=ja.fixed([1, 2, 3])), steps=10)
+    with pytest.raises(ValueError, match=r"per-edge scales of shape \(3, 3\) given for 4 nodes"):
+        ja.simulate(_gossip(RING), _problem(N), ja.Asynchrony(delay=ja.fixed(np.ones((3, 3)))), steps=10)
     with pytest.raises(ValueError, match="built for 4 nodes but 3"):
         ja.simulate(_gossip(RING), _problem(3), steps=10)
 
@@ -250,3 +254,51 @@ def test_sweep_checks_its_arguments():
         ja.sweep(_gossip(RING), problem, [None], steps=20, pool_size=1, executor="events")
     with pytest.raises(RuntimeError, match="in-flight pool"):
         ja.sweep(_gossip(RING), problem, [None], steps=20, pool_size=1, overflow="raise", executor="events")
+
+
+def _edge_delays(n):
+    """Fixed per-edge delays, not symmetric: fractional parts k/32 distinct per edge (so no two
+    deliveries and no delivery and job tie), and some over a job's length."""
+    src, dst = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    return (1 + n * src + dst) / 32 + (src + 2 * dst) % 3
+
+
+def test_per_edge_delays_and_losses_give_the_event_order():
+    """Fixed job times and per-edge delays fix every event's time. The recorded event log is exactly
+    the jobs and the deliveries of the messages not lost (the executor's Bernoulli draws, recomputed
+    from the events' keys) in time order, and the trace counts those losses."""
+    from jaxasync._src import simulator
+
+    delays, loss, seed, steps = _edge_delays(N), 0.25, 7, 40  # 10 jobs per node, at t = 1, ..., 10
+    program, problem = _gossip(RING), _problem(N)
+    asyn = ja.Asynchrony(compute_time=ja.fixed(1.0), delay=ja.fixed(delays), loss=loss)
+    log = simulator.record(program, problem, asyn, steps=steps, seed=seed).events
+    jobs = np.flatnonzero(log.kind == 0)
+    assert len(jobs) == steps and log.live.all()
+
+    # The loss draws of every job's two messages, as _send draws them (channel 0).
+    def losses(event):
+        k_send = simulator.event_keys(seed, event)[3]
+        k_loss = jax.random.split(jax.random.fold_in(k_send, 0))[1]
+        return jax.random.bernoulli(k_loss, jnp.float32(loss), (2,))
+
+    lost = np.asarray(jax.vmap(losses)(jnp.asarray(log.event[jobs])))
+    out = np.asarray(RING.out_table)
+    # (time, deliveries before jobs, lowest node first; then the log's kind, node, src, seq)
+    expected = [(k, 1, i, 0, i, -1, -1) for i in range(N) for k in range(1, steps // N + 1)]
+    for j, node in enumerate(log.node[jobs]):
+        k = 1 + np.sum(log.node[jobs[:j]] == node)  # the node's k-th job, at t = k, sends seq k - 1
+        for s, dst in enumerate(out[node]):
+            if not lost[j, s]:
+                expected.append((k + delays[node, dst], 0, 0, 1, dst, node, k - 1))
+    expected = sorted(x for x in expected if x[0] <= steps // N)
+    got = np.stack([log.kind, log.node, log.src, log.seq], 1)
+    np.testing.assert_array_equal(got, np.array([x[3:] for x in expected]))
+
+    tr = ja.simulate(program, problem, asyn, steps=steps, record_every=steps, seed=seed)
+    assert tr["events"][-1] == len(log.event) and tr["lost"][-1] == lost.sum() > 0
+    np.testing.assert_array_equal(tr["bytes_lost"], tr["lost"] * 3 * 4)
+    # The same compiled simulation without loss (the loss rate is an argument) loses nothing.
+    tr = ja.simulate(program, problem, dataclasses.replace(asyn, loss=0.0), steps=steps, seed=seed)
+    assert not np.any(tr["lost"]) and not np.any(tr["bytes_lost"])
+    assert tr["delivered"][-1] + tr["in_flight"][-1] == tr["sent"][-1] == 2 * steps
