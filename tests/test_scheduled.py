@@ -67,6 +67,7 @@ def test_message_accounting_and_crash():
     )
     np.testing.assert_array_equal(sent, lost + delivered + dropped + flight)
     assert np.all(flight >= 0) and tr["overflow"][-1] == 0
+    np.testing.assert_array_equal(tr["bytes_lost"], lost * 5 * 4)  # both channels carry 5 float32
     assert tr["steps"][-1] == 400 and tr["events"][-1] == 400 + delivered[-1] + dropped[-1]
     # 20% of the messages sent are lost (binomial: within 4 standard deviations)
     p = lost[-1] / sent[-1]
@@ -90,14 +91,51 @@ def test_deterministic_timing_matches_the_event_executor():
         for k in ("events", "steps", "node_steps", "sent", "delivered", "time"):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
-    # fixed delays; and jobs that take no time (a node's jobs and messages all at one instant)
-    for compute, delay in (([1.0, 2.0, 1.0, 1.5, 1.0, 1.0], 0.5), ([0.0, 1.0, 0.0, 2.0, 1.0, 0.5], 0.0)):
+    # fixed delays, per node and per edge; and jobs that take no time (a node's jobs and messages
+    # all at one instant)
+    program = _rfast()  # one compile of each executor for these specs
+    for compute, delay in (
+        ([1.0, 2.0, 1.0, 1.5, 1.0, 1.0], 0.5),
+        ([1.0, 2.0, 1.0, 1.5, 1.0, 1.0], _edge_delays()),
+        ([0.0, 1.0, 0.0, 2.0, 1.0, 0.5], 0.0),
+    ):
         asyn = ja.Asynchrony(compute_time=ja.fixed(compute), delay=ja.fixed(delay))
-        a = ja.simulate(_rfast(), problem, asyn, steps=90, record_every=9, executor="events")
-        b = ja.simulate(_rfast(), problem, asyn, steps=90, record_every=9, executor="schedule")
+        a = ja.simulate(program, problem, asyn, steps=90, record_every=9, executor="events")
+        b = ja.simulate(program, problem, asyn, steps=90, record_every=9, executor="schedule")
         for k in ("events", "node_steps", "delivered"):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+        assert not np.any(a["lost"]) and not np.any(b["lost"])  # loss=0: nothing is lost
+
+
+def _edge_delays():
+    """Fixed per-edge delays, not symmetric, some longer than a job (exact in float32)."""
+    src, dst = np.meshgrid(np.arange(N), np.arange(N), indexing="ij")
+    return (1 + N * src + dst) / 64 + (src + 2 * dst) % 3
+
+
+def test_per_edge_delays_and_losses_in_the_schedule():
+    """Every delivery the schedule holds comes at its sending job's time plus its edge's delay, and
+    exactly the messages whose loss draw is False are delivered."""
+    compute = np.array([1.0, 1.0, 1.5, 2.0, 1.0, 3.0], np.float32)
+    asyn = ja.Asynchrony(compute_time=ja.fixed(compute), delay=ja.fixed(_edge_delays()), loss=0.3)
+    program, K = _rfast(), 12
+    static = simulator.make_static(program, _problem(), asyn, None, unrolled_keys=True)
+    params = simulator.make_params(asyn, N)
+    sched = scheduled.draw_schedule(static, params, jnp.int32(3), K, np.array([40], np.int32), collapse=False)
+    events, time = np.asarray(sched.events), np.asarray(sched.time)
+    node = np.broadcast_to(np.arange(N)[:, None], time.shape)
+    rank, kind, src, job = (
+        events[..., c] for c in (scheduled.RANK, scheduled.KIND, scheduled.SRC, scheduled.JOB)
+    )
+    deliveries = (rank < scheduled._NO_RANK) & (kind > 0)
+    sent_at = (job + 1) * compute[src]  # fixed compute times: exact in float32
+    expected = sent_at + _edge_delays().astype(np.float32)[src, node]
+    np.testing.assert_array_equal(time[deliveries], expected[deliveries])
+    for ci, table in enumerate(static.out_tables):
+        edge = (table >= 0)[:, None, :]
+        kept = np.sum(~np.asarray(sched.lost[ci]) & edge)  # of every potential message (no crash)
+        assert np.sum(deliveries & (kind == 1 + ci)) == kept and 0 < kept < K * np.sum(edge)
 
 
 def test_seeds_batch_and_schedule_length_do_not_change_a_trace():
@@ -205,6 +243,13 @@ def test_rounds_are_the_events_in_order_and_fewer_side_by_side():
         )
         run = scheduled._compiled_run(static, scheduled.ring_depth(sched), 1, per_record, parallel, False)
         finals[parallel] = run(params, jnp.int32(0), sched)
+        # Exactly the drawn losses of the jobs that ran (every R-FAST step sends on every out-edge).
+        ran = np.arange(sched.lost[0].shape[1]) < np.asarray(finals[parallel][1]["node_steps"][-1])[:, None]
+        drawn = sum(
+            np.sum(np.asarray(lost) & ran[:, :, None] & (table >= 0)[:, None, :])
+            for lost, table in zip(sched.lost, static.out_tables)
+        )
+        assert finals[parallel][1]["lost"][-1] == drawn > 0
     (carry, out), (carry_p, _) = finals[False], finals[True]
     assert int(carry.rounds) == int(out["events"][-1])
     assert int(np.max(carry_p.jobs_done)) <= int(carry_p.rounds) < int(out["events"][-1]) // 4
