@@ -399,6 +399,7 @@ def test_gossip_converges_counts_messages_and_injects_loss():
     np.testing.assert_array_equal(tr["sent"], tr["lost"] + tr["delivered"] + tr["dropped"] + tr["in_flight"])
     assert 0.12 < tr["lost"][-1] / tr["sent"][-1] < 0.28  # Bernoulli(0.2) over 1200 draws
     assert tr["bytes_sent"][-1] == tr["sent"][-1] * 3 * 4
+    assert tr["bytes_lost"][-1] == tr["lost"][-1] * 3 * 4
     assert np.all(np.diff(tr["time"]) >= 0) and np.all(np.diff(tr["steps"]) >= 0)
     assert tr["loss"][-1] < 1e-2 * tr["loss"][0]
     assert tr.meta["executor"] == "local" and tr.meta["crashed"] == {} and not tr.meta["interrupted"]
