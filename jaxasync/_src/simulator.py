@@ -4,10 +4,10 @@ The simulator runs every node of a :class:`~jaxasync._src.program.NodeProgram` i
 function. Its carry holds the stacked node states, each node's next job completion time, a fixed-size pool
 of in-flight messages per channel and the shared objects. Each iteration pops the earliest event (a
 message delivery or a job completion; deliveries first on ties), runs the node's handler on its slice of
-the stacked state and schedules what the handler sent: every message gets a delay and a loss draw and
-takes a free pool slot. Every random draw comes from ``fold_in(seed, event_index)``, so one seed gives
-one trace, bit for bit, and ``vmap`` over seeds (or anything else in the arguments) runs many
-simulations at once.
+the stacked state and schedules what the handler sent: every message gets a delay (at its edge's
+scale) and a loss draw and takes a free pool slot. Every random draw comes from
+``fold_in(seed, event_index)``, so one seed gives one trace, bit for bit, and ``vmap`` over seeds (or
+anything else in the arguments) runs many simulations at once.
 
 :func:`simulate` compiles one program under one spec; :func:`sweep` compiles a program once and runs it
 under many specs (and step sizes) whose arrays are arguments of the compiled function.
