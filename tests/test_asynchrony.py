@@ -70,6 +70,9 @@ def test_per_node_and_per_edge_scales():
     np.testing.assert_array_equal(params["delay_scales"], m)
     np.testing.assert_array_equal(params["stragglers"], [1, 1, 4])
     np.testing.assert_array_equal(params["crash_times"], [5, np.inf, np.inf])
+    # Delay scales are always [n, n] arrays: scalar, per-node and per-edge specs share a compile.
+    for delay in (0.5, [0.1, 0.2, 0.3], m):
+        assert simulator.make_params(ja.Asynchrony(delay=delay), n)["delay_scales"].shape == (n, n)
 
 
 def test_per_node_compute_scales_reach_their_nodes():
