@@ -61,7 +61,8 @@ What keeps steps above the target on XLA:CPU (jax 0.10):
   pass, ~2 ms in all against a bound of ~0.1 ms; ``lax.top_k`` (~7 ms) and
   ``jnp.nonzero(mask, size=k)`` (~7 ms) are slower still. The last line of the output is numpy's
   own exact selection of the same k (``np.argpartition``, compiled C, one core): it alone takes
-  several times the sparsified rows' 2x budget (1.3 ms against 0.18 ms here), so no exact top-k reaches the target here.
+  several times the sparsified rows' 2x budget (1.3 ms against 0.18 ms here), so no exact
+  top-k reaches the target on this machine.
 
   python bench/kernels.py [--log2d 20] [--repeats 200]
 """
