@@ -12,6 +12,7 @@ from jaxasync import assignment as assignment
 from jaxasync import compression as compression
 from jaxasync import mixing as mixing
 from jaxasync import problems as problems
+from jaxasync import reproductions as reproductions
 from jaxasync import schedules as schedules
 from jaxasync import topology as topology
 from jaxasync._src.asynchrony import Asynchrony as Asynchrony
@@ -35,6 +36,7 @@ from jaxasync._src.program import Registers as Registers
 from jaxasync._src.program import RegistersView as RegistersView
 from jaxasync._src.program import RegisterWrite as RegisterWrite
 from jaxasync._src.program import like_params as like_params
+from jaxasync._src.reproduce import reproduce as reproduce
 from jaxasync._src.simulator import record as record
 from jaxasync._src.simulator import simulate as simulate
 from jaxasync._src.simulator import sweep as sweep
@@ -61,6 +63,8 @@ __all__ = (
     "mixing",
     "problems",
     "record",
+    "reproduce",
+    "reproductions",
     "scale_by_staleness",
     "ScaleByStalenessState",
     "schedules",

@@ -321,10 +321,9 @@ def _cmd_reproduce(args) -> int:
     names = list(reproduce.REPRODUCTIONS) if args.paper == "all" else [args.paper]
     ok = True
     for name in names:
-        report = reproduce.REPRODUCTIONS[name](quick=args.quick)
-        files = report.save(args.out)
+        report = reproduce.reproduce(name, quick=args.quick, out=args.out)
         print(report.table())
-        print(f"files: {', '.join(files)}\n")
+        print(f"files: {', '.join(report.files)}\n")
         ok &= report.passed
     return 0 if ok else 1
 
