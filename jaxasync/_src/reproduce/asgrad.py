@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -245,20 +246,27 @@ def _seed_mean_curve(records: list) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def reproduce(quick: bool = False, progress: bool = True, seeds: Sequence[int] | None = None) -> Report:
-    """Runs the AsGrad reproduction and returns its :class:`Report`.
+class Plan(NamedTuple):
+    """What :func:`reproduce` runs (see :func:`plan`).
 
-    Args:
-      quick: a small version (synthetic problem only, 2000 iterations, one step size, 2 seeds) for
-        the smoke test; its checks are relaxed sanity assertions, not the acceptance targets.
-      progress: draw a progress bar on a terminal.
-      seeds: seeds to average (default ``(0, 1, 2)``, quick ``(0, 1)``).
-
-    Returns:
-      The :class:`Report`.
+    Attributes:
+      seeds: the seeds averaged.
+      horizons: the two horizons ``T`` (server iterations), read from one run.
+      window: the last server iterations before ``T`` whose ``||grad f||`` records are averaged.
+      configs: one ``(dataset, split, rules, ks, tune_seeds, record_every)`` per problem: step sizes
+        ``2^-k`` for ``k`` in ``ks``, tuned on ``tune_seeds``.
+      w7a_rows: the w7a rows used.
     """
-    start = time.monotonic()
-    n = NUM_WORKERS
+
+    seeds: tuple
+    horizons: tuple
+    window: int
+    configs: list
+    w7a_rows: int
+
+
+def plan(quick: bool = False, seeds: Sequence[int] | None = None) -> Plan:
+    """The problems, rules, step-size grids, seeds and horizons of the full or the quick reproduction."""
     if quick:
         seeds = tuple(seeds or (0, 1))
         horizons, window = (800, 2000), 100
@@ -275,10 +283,28 @@ def reproduce(quick: bool = False, progress: bool = True, seeds: Sequence[int] |
             ("synthetic", "replicated", RULES[:3], (5, 6, 7, 8, 9), seeds, 20),
             ("w7a", "contiguous", RULES[:3], (5, 6, 7, 8), seeds[:1], 40),
         ]
+    w7a_rows = 12300  # half of the paper's 24 600 (see the notes)
+    return Plan(seeds, horizons, window, configs, w7a_rows)
+
+
+def reproduce(quick: bool = False, progress: bool = True, seeds: Sequence[int] | None = None) -> Report:
+    """Runs the AsGrad reproduction and returns its :class:`Report`.
+
+    Args:
+      quick: a small version (synthetic problem only, 2000 iterations, one step size, 2 seeds) for
+        the smoke test; its checks are relaxed sanity assertions, not the acceptance targets.
+      progress: draw a progress bar on a terminal.
+      seeds: seeds to average (default ``(0, 1, 2)``, quick ``(0, 1)``).
+
+    Returns:
+      The :class:`Report`.
+    """
+    start = time.monotonic()
+    n = NUM_WORKERS
+    seeds, horizons, window, configs, w7a_rows = plan(quick, seeds)
     steps = horizons[-1]
     total = sum(len(r) * (len(k) * len(t) + 2 * (len(seeds) - len(t))) for _, _, r, k, t, _ in configs)
     bar = _Bar(total, progress)
-    w7a_rows = 12300  # half of the paper's 24 600 (see the notes)
 
     results, floors = {}, {}
     for dataset, split, rules, ks, tune_seeds, rec in configs:
