@@ -209,11 +209,47 @@ def test_load_w7a():
     assert problems.load_w7a(rows=3)[0].max() == 1.0
 
 
-def test_w7a_resource_is_packaged():
+def test_w7a_is_declared_package_data():
+    # An editable install reads the source tree, where the file always exists; what puts it in the
+    # wheel and the sdist is pyproject.toml: package discovery takes `jaxasync` and a package-data
+    # glob (relative to the package, as setuptools globs it) matches the file the loader opens.
+    import fnmatch
     import importlib.resources
+    import pathlib
 
-    resource = importlib.resources.files("jaxasync") / "data" / "w7a.txt.gz"
-    assert resource.is_file()
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    setuptools_config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert any(fnmatch.fnmatchcase("jaxasync", p) for p in setuptools_config["packages"]["find"]["include"])
+    package = root / "jaxasync"
+    data = package / "data" / "w7a.txt.gz"
+    included = {f for p in setuptools_config["package-data"]["jaxasync"] for f in package.glob(p)}
+    excluded = {
+        f
+        for p in setuptools_config.get("exclude-package-data", {}).get("jaxasync", [])
+        for f in package.glob(p)
+    }
+    assert data in included - excluded
+    loaded = importlib.resources.files("jaxasync") / "data" / "w7a.txt.gz"  # as `_w7a` opens it
+    assert loaded.read_bytes() == data.read_bytes()
+
+
+def test_asgrad_reproduction_uses_w7a():
+    from jaxasync._src.reproduce import asgrad as asgrad_repro
+
+    plan = asgrad_repro.plan(quick=False)
+    w7a = [c for c in plan.configs if c[0] == "w7a"]
+    assert [(dataset, split, rules) for dataset, split, rules, *_ in w7a] == [
+        ("w7a", "contiguous", ("pure", "random", "shuffled"))
+    ]
+    assert all(c[0] == "synthetic" for c in asgrad_repro.plan(quick=True).configs)  # the smoke test
+    p = asgrad_repro._problem(asgrad_repro.NUM_WORKERS, "w7a", "contiguous", plan.w7a_rows)
+    assert p.name == "asgrad_w7a" and p.num_nodes == 10
+    x, _ = problems.load_w7a(plan.w7a_rows)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(s["x"]) for s in p.shards]), x)
 
 
 def test_load_libsvm(tmp_path):
