@@ -1,5 +1,7 @@
 """AsGrad: server-based asynchronous SGD with pure / random / shuffled job assignment."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,36 +51,61 @@ def _leaf_specs(tree):
 # Handlers: jit, stable structure, no recompilation.
 
 
+# Every node program of the module: asgrad under each policy and the two baselines built on it.
+PROGRAMS = {
+    **{p: functools.partial(asgrad_lib.asgrad, policy=p, learning_rate=0.1) for p in POLICIES},
+    "ps_asgd": functools.partial(asgrad_lib.ps_asgd, learning_rate=0.1),
+    "delay_adaptive_asgd": functools.partial(asgrad_lib.delay_adaptive_asgd, learning_rate=0.1),
+}
+
+
+def _counted_jit(fn, traces, name):
+    """``jax.jit(fn)`` that appends ``name`` to ``traces`` each time it is traced (not called)."""
+
+    def traced(*args):
+        traces.append(name)
+        return fn(*args)
+
+    return jax.jit(traced)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_handlers_jit_and_keep_state_structure(dtype):
-    params = jnp.zeros((D,), dtype)
-    prog = asgrad_lib.asgrad(num_workers=W, policy="random", learning_rate=0.1)
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_handlers_jit_and_keep_state_structure(name, dtype):
+    params = {"w": jnp.zeros((D, 2), dtype), "b": jnp.zeros((2,), dtype)}  # any pytree
+    ones = jax.tree.map(jnp.ones_like, params)
+    prog = PROGRAMS[name](num_workers=W)
     states = _states(prog, params)
     worker, server = states[0], states[W]
-    grad_fn = jax.grad(lambda x, b: jnp.sum((x - b) ** 2))
+    spec_w, spec_s = _leaf_specs(worker), _leaf_specs(server)
+    grad_fn = jax.grad(lambda x, b: sum(jnp.sum((v - b) ** 2) for v in jax.tree.leaves(x)))
     traces = []
+    step = _counted_jit(lambda s, b: prog.step(s, grad_fn, b, jax.random.key(0)), traces, "step")
+    job = _counted_jit(prog.receive["job"], traces, "job")
+    grad = _counted_jit(prog.receive["grad"], traces, "grad")
 
-    def step(s, b):
-        traces.append(1)  # counts traces, not calls
-        return prog.step(s, grad_fn, b, jax.random.key(0))
-
-    step = jax.jit(step)
-    s1, emit = step(worker, jnp.ones((D,), dtype))
-    s2, _ = step(s1._replace(size=jnp.int32(1)), jnp.ones((D,), dtype))
-    assert len(traces) == 1
-    assert _leaf_specs(s1) == _leaf_specs(worker)
+    # Worker: run the initial job, receive two more (x_3 and x_8), run one of them.
+    s1, emit = step(worker, jnp.ones((), dtype))
     assert isinstance(emit.outbox["grad"], program_lib.BroadcastOutbox)  # one copy, not one per slot
     g, a = emit.outbox["grad"].payload
-    assert g.dtype == dtype and g.shape == (D,) and int(a) == 0
+    assert _leaf_specs(g) == _leaf_specs(params) and int(a) == 0
+    assert not bool(prog.ready(s1))
+    s2, _ = job(s1, _msg(0, (ones, jnp.int32(3))))
+    s2, _ = job(s2, _msg(0, (ones, jnp.int32(8))))
+    assert bool(prog.ready(s2))
+    s3, _ = step(s2, jnp.zeros((), dtype))
+    for s in (s1, s2, s3):
+        assert _leaf_specs(s) == spec_w
 
-    job = jax.jit(prog.receive["job"])
-    w2, _ = job(s1, _msg(0, (jnp.ones((D,), dtype), jnp.int32(3))))
-    assert _leaf_specs(w2) == _leaf_specs(worker)
-    grad = jax.jit(prog.receive["grad"])
-    srv, emit = grad(server, _grad_msg(1, 0, dtype=dtype))
-    assert _leaf_specs(srv) == _leaf_specs(server)
-    assert emit.outbox["job"].payload[0].dtype == dtype
-    assert not bool(prog.ready(server)) and bool(prog.ready(worker)) and not bool(prog.ready(s1))
+    # Server: two gradients, the second one stale by 20 (> 2n: the delay-adaptive factor is < 1).
+    srv, emit = grad(server, _msg(1, (ones, jnp.int32(0))))
+    assert _leaf_specs(emit.outbox["job"].payload[0]) == _leaf_specs(params)
+    srv, emit = grad(srv._replace(count=jnp.int32(20)), _msg(2, (ones, jnp.int32(0))))
+    assert _leaf_specs(srv) == spec_s and int(srv.count) == 21 and int(srv.delay_max) == 20
+    assert not bool(prog.ready(srv)) and bool(prog.ready(worker))
+    assert jax.tree.leaves(prog.params(srv))[0].dtype == dtype
+    # Two calls of each, one trace each: nothing recompiles on the second step.
+    assert sorted(traces) == ["grad", "job", "step"]
 
 
 def test_worker_queue_is_fifo_and_counts_overflow():
