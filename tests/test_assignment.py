@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxasync._src import assignment
 
@@ -52,6 +54,34 @@ def test_shuffled_gives_each_worker_exactly_one_job_per_block(n):
         assert sorted(perm.tolist()) == list(range(n))
     if n > 3:
         assert len({tuple(p) for p in perms}) > 1  # fresh permutations, not one reused
+
+
+_BLOCKS = 5  # fixed, so each n compiles one scan per policy
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    # n = 65 takes the sorting branch of `permutation` (counting below 65).
+    n=st.one_of(st.integers(1, 8), st.just(65)),
+    seed=st.integers(0, 2**31 - 1),
+    order_seed=st.integers(0, 2**31 - 1),
+)
+def test_assignment_invariants_for_any_n_seed_and_finishing_order(n, seed, order_seed):
+    key, finished = jax.random.key(seed), _finishers(_BLOCKS * n, n, order_seed)
+
+    def blocks(name):
+        policy = assignment.assignment_policy(name)
+        return np.asarray(assignment.draw_assignments(policy, key, n, finished_workers=finished))
+
+    # Shuffled: every block of n jobs gives each worker exactly one, whoever finished.
+    shuffled = blocks("shuffled").reshape(_BLOCKS, n)
+    np.testing.assert_array_equal(np.sort(shuffled, axis=1), np.broadcast_to(np.arange(n), shuffled.shape))
+    # Shuffle-once: one permutation, repeated.
+    once = blocks("shuffle_once").reshape(_BLOCKS, n)
+    np.testing.assert_array_equal(np.sort(once[0]), np.arange(n))
+    np.testing.assert_array_equal(once, np.broadcast_to(once[0], once.shape))
+    # Pure: the job goes back to the worker that finished.
+    np.testing.assert_array_equal(blocks("pure"), np.asarray(finished))
 
 
 def test_shuffle_once_reuses_one_permutation():
