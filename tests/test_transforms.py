@@ -419,14 +419,37 @@ def test_sparsify_rejects_updates_that_do_not_match_init():
     params = _params()
     tx = transforms.sparsify(0.5)
     state = tx.init(params)
-    with pytest.raises(TypeError, match="structure seen at init"):
+    with pytest.raises(TypeError, match="params seen at init"):
         tx.update({"w": params["w"]}, state)
-    with pytest.raises(TypeError, match="structure seen at init"):
+    with pytest.raises(TypeError, match="params seen at init"):
         tx.update([params["w"], params["b"]], state)
     with pytest.raises(TypeError, match=r"\['b'\].*shape"):
         tx.update({"w": params["w"], "b": jnp.ones(4)}, state)
-    with pytest.raises(TypeError, match="structure seen at init"):
+    with pytest.raises(TypeError, match="params seen at init"):
         optax.chain(optax.sgd(0.1), tx).update({"w": params["w"]}, (optax.sgd(0.1).init(params), state))
+
+
+def test_staleness_rejects_updates_that_do_not_match_the_params():
+    params = _params()
+    tx = transforms.scale_by_staleness("inverse")
+    state = tx.init(params)
+    with pytest.raises(TypeError, match="params passed to update"):
+        tx.update({"w": params["w"]}, state, params, delay=1)
+    with pytest.raises(TypeError, match="params passed to update"):
+        jax.jit(tx.update)([params["w"], params["b"]], state, params, delay=1)  # caught at trace time
+    with pytest.raises(TypeError, match=r"\['b'\].*shape"):
+        tx.update({"w": params["w"], "b": jnp.ones(4)}, state, params, delay=1)
+    # Inside a chain the params are forwarded, wherever the transform sits.
+    for opt in (
+        optax.chain(optax.sgd(0.1), tx),
+        optax.chain(tx, optax.sgd(0.1)),
+    ):
+        with pytest.raises(TypeError, match="params passed to update"):
+            opt.update({"w": params["w"]}, opt.init(params), params, delay=0)
+    # Matching trees (and no params at all) are accepted.
+    out, _ = tx.update(params, state, params, delay=1)
+    assert _signature(out) == _signature(params)
+    tx.update({"anything": jnp.ones(3)}, state, delay=1)
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,11 @@ Contract:
   ``delay=0`` it is the identity (bitwise).
 * Every update function is jit-able; none recompiles when only array values (including a traced
   ``delay``) change.
-* ``update`` raises ``TypeError`` when the updates tree does not match the structure (or leaf
-  shapes) seen at ``init``; factories raise ``ValueError`` for bad hyper-parameters.
+* ``update`` raises ``TypeError`` when the updates tree does not match the params in structure or
+  leaf shapes: the params seen at ``init`` for :func:`sparsify` (its residual), the ``params``
+  passed to ``update`` for :func:`scale_by_staleness` (whose state holds none). Structure and
+  shapes are static, so the check costs nothing under jit. Factories raise ``ValueError`` for bad
+  hyper-parameters.
 """
 
 from __future__ import annotations
@@ -96,20 +99,22 @@ def _sparsify_config(density, method, error_feedback, per_leaf, scale, algorithm
     )
 
 
-def _check_matches(updates: PyTree, reference: PyTree, what: str) -> None:
-    """Raises TypeError if ``updates`` differs from ``reference`` in structure or leaf shapes."""
-    u_def, r_def = jax.tree.structure(updates), jax.tree.structure(reference)
-    if u_def != r_def:
+def _check_matches(updates: PyTree, params: PyTree, what: str, params_are: str = "seen at init") -> None:
+    """Raises TypeError if ``updates`` differs from ``params`` in structure or leaf shapes.
+
+    Both are static, so under jit this runs once, at trace time.
+    """
+    u_def, p_def = jax.tree.structure(updates), jax.tree.structure(params)
+    if u_def != p_def:
         raise TypeError(
-            f"{what}: the updates tree does not match the structure seen at init.\n"
-            f"  updates: {u_def}\n  init:    {r_def}"
+            f"{what}: the updates tree does not match the structure of the params {params_are}.\n"
+            f"  updates: {u_def}\n  params:  {p_def}"
         )
-    for path_u, r in zip(jax.tree.leaves_with_path(updates), jax.tree.leaves(reference), strict=True):
-        path, u = path_u
-        if np.shape(u) != np.shape(r):
+    for (path, u), p in zip(jax.tree.leaves_with_path(updates), jax.tree.leaves(params), strict=True):
+        if np.shape(u) != np.shape(p):
             raise TypeError(
                 f"{what}: the updates leaf at {jax.tree_util.keystr(path)} has shape {np.shape(u)}, "
-                f"but the params seen at init had shape {np.shape(r)}."
+                f"but the params {params_are} have shape {np.shape(p)} there."
             )
 
 
@@ -220,6 +225,8 @@ def sparsify(
     Raises:
       ValueError: density outside ``(0, 1]``, unknown method or algorithm, or ``scale=True`` with
         ``method="topk"`` or with error feedback.
+      TypeError: (from ``update``) updates whose tree structure or leaf shapes differ from the
+        params seen at ``init``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -428,6 +435,8 @@ def scale_by_staleness(
 
     Raises:
       ValueError: unknown rule, or missing / out-of-range hyper-parameters.
+      TypeError: (from ``update``) updates whose tree structure or leaf shapes differ from the
+        ``params`` passed with them, or a missing or non-integer ``delay``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -504,8 +513,9 @@ def scale_by_staleness(
         return ScaleByStalenessState(count=jnp.zeros([], jnp.int32), max_delay=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, *, delay=None, **extra_args):
-        del params  # The factor depends on the delay only.
         del extra_args  # Per-step values meant for other transforms of a chain.
+        if params is not None:  # The factor ignores them, but a mismatch means a caller's bug.
+            _check_matches(updates, params, "scale_by_staleness", "passed to update")
         delay = _check_delay(delay)
         factor = factor_fn(delay)
 
