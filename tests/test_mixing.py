@@ -159,6 +159,56 @@ def test_node_push_sum_split_and_receive_match_the_stacked_step():
 
 
 # ---------------------------------------------------------------------------------------
+# Weights that are not stochastic: an error, not a wrong answer.
+
+
+def test_stacked_mixing_rejects_concrete_weights_that_are_not_stochastic():
+    tree = topology.out_tree(7)  # root 0 feeds everyone: pull rows sum to 1, push columns do
+    r, c = topology.pull_weights(tree), topology.push_weights(tree)
+    assert np.abs(r.sum(0) - 1).max() > 0.1 and np.abs(c.sum(1) - 1).max() > 0.1
+    x = jnp.ones((7, 2))
+    mix_c = mixing.push_sum_mix(c, mixing.push_sum_init(x, jnp.ones(7)))  # fine: columns sum to 1
+    np.testing.assert_allclose(mixing.push_sum_mass(mix_c)[1], 7.0, rtol=1e-6)
+    np.testing.assert_allclose(mixing.pull_mix(r, x), x, rtol=1e-6)
+    for bad in (c, jnp.asarray(c)):  # numpy or a concrete jax array
+        with pytest.raises(ValueError, match=r"pull_mix: .*row-stochastic.*rows do not sum to 1"):
+            mixing.pull_mix(bad, x)
+    with pytest.raises(ValueError, match=r"push_sum_mix: .*column-stochastic.*columns do not sum"):
+        mixing.push_sum_mix(r, mixing.push_sum_init(x, jnp.ones(7)))
+    with pytest.raises(ValueError, match="negative"):
+        mixing.pull_mix(np.array([[1.5, -0.5], [0.0, 1.0]]), x[:2])
+    with pytest.raises(ValueError, match="NaN"):
+        mixing.pull_mix(np.array([[np.nan, 1.0], [0.0, 1.0]]), x[:2])
+    # A W closed over by a jitted function is concrete: rejected once, when it is traced.
+    with pytest.raises(ValueError, match="row-stochastic"):
+        jax.jit(functools.partial(mixing.pull_mix, c))(x)
+    # Weights rounded to bfloat16 miss 1 by up to its resolution and are still accepted.
+    w16 = jnp.asarray(topology.metropolis_weights(topology.torus(3, 3)), jnp.bfloat16)
+    assert np.abs(np.asarray(w16, np.float64).sum(1) - 1).max() > 1e-6
+    assert mixing.pull_mix(w16, jnp.ones((9, 2), jnp.bfloat16)).dtype == jnp.bfloat16
+    # Traced weights (jit arguments, vmapped node tables) cannot be inspected: used as given.
+    np.testing.assert_allclose(jax.jit(mixing.pull_mix)(c, x), c @ x, rtol=1e-6)
+
+
+def test_node_mixing_rejects_concrete_shares_that_do_not_sum_to_one():
+    own, nbrs = jnp.ones(2), jnp.ones((2, 2))
+    with pytest.raises(ValueError, match=r"pull_mix_node: .*row.*sum to 1.*sum 0\.75"):
+        mixing.pull_mix_node(0.5, np.array([0.25, 0.0]), own, nbrs)
+    with pytest.raises(ValueError, match="nonnegative"):
+        mixing.pull_mix_node(jnp.float32(1.5), jnp.array([-0.5, 0.0]), own, nbrs)  # sums to 1
+    state = mixing.push_sum_init(own)
+    with pytest.raises(ValueError, match=r"push_sum_split: .*column.*sum to 1"):
+        mixing.push_sum_split(state, 0.5, np.array([0.25, 0.5]))  # would create mass
+    with pytest.raises(ValueError, match="nonnegative"):
+        mixing.push_sum_split(state, 0.5, np.array([0.75, -0.25]))
+    kept, sent = mixing.push_sum_split(state, 0.5, np.array([0.25, 0.25]))
+    np.testing.assert_allclose(kept.weight + sent.weight.sum(), 1.0)
+    # Under vmap the node tables are traced: no check, as in a node program's jitted step.
+    out = jax.vmap(mixing.pull_mix_node)(jnp.array([0.5, 0.9]), jnp.full((2, 2), 0.25), own, nbrs)
+    np.testing.assert_allclose(out, [1.0, 1.4])
+
+
+# ---------------------------------------------------------------------------------------
 # Keep-newest slots.
 
 

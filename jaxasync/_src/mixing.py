@@ -17,6 +17,12 @@ Contract:
   (`keep_newest`), so late, reordered or duplicated messages are harmless and a
   lost one is superseded by the next.
 * Weights are cast to each leaf's dtype, so outputs keep the dtype of the values.
+* Weights are validated when they are concrete (numpy, Python numbers or non-traced jax arrays):
+  `pull_mix` needs a row-stochastic ``W``, `push_sum_mix` a column-stochastic ``P``, and the node
+  functions `pull_mix_node` / `push_sum_split` nonnegative shares summing to one; otherwise they
+  raise ``ValueError`` instead of returning a wrong answer. Traced weights cannot be inspected and
+  are used as given: node programs validate their matrices once, when they are built, and index
+  them with a traced node id, so their jitted steps pay nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxasync._src import topology as topology_lib
 
 __all__ = [
     "PushSumState",
@@ -56,6 +65,47 @@ def _check_leading(tree: PyTree, size: int, what: str) -> None:
                 f"{what}: every leaf needs a leading axis of size {size}, got a leaf of shape "
                 f"{jnp.shape(leaf)}."
             )
+
+
+def _concrete(*weights) -> bool:
+    """Whether all ``weights`` have values here (not tracers inside jit, vmap or grad)."""
+    return not any(isinstance(w, jax.core.Tracer) for w in weights)
+
+
+def _atol(*weights) -> float:
+    """Tolerance on sums of one: weights stored in a narrow float (bfloat16) miss 1 by ~its eps."""
+    dtypes = [jnp.result_type(w) for w in weights]
+    return max([1e-6] + [float(jnp.finfo(d).eps) for d in dtypes if jnp.issubdtype(d, jnp.floating)])
+
+
+def _check_matrix(w, columns: bool, what: str) -> None:
+    """Raises ValueError unless a concrete ``w`` is row- (or column-) stochastic."""
+    if not _concrete(w):
+        return
+    kind = "column" if columns else "row"
+    check = topology_lib.check_column_stochastic if columns else topology_lib.check_row_stochastic
+    try:
+        check(np.asarray(w, np.float64), atol=_atol(w))
+    except ValueError as e:
+        raise ValueError(
+            f"{what}: the weights must be {kind}-stochastic (W[receiver, sender]), but {e}"
+        ) from None
+
+
+def _check_shares(self_weight, other_weights, what: str, kind: str) -> None:
+    """Raises ValueError unless concrete ``self_weight`` and ``other_weights`` are nonnegative and
+    sum to one, as one ``kind`` ("row" / "column") of a stochastic matrix must."""
+    if not _concrete(self_weight, other_weights):
+        return
+    own = np.asarray(self_weight, np.float64)
+    others = np.asarray(other_weights, np.float64)
+    total, atol = float(own + others.sum()), _atol(self_weight, other_weights)
+    if not (np.isfinite(total) and own >= -atol and np.all(others >= -atol) and abs(total - 1.0) <= atol):
+        raise ValueError(
+            f"{what}: the self weight and the slot weights are one {kind} of a {kind}-stochastic "
+            f"matrix, so they must be nonnegative and sum to 1; got self weight {float(own):.6g} "
+            f"and slot weights {others.tolist()} (sum {total:.6g})."
+        )
 
 
 def sum_slots(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
@@ -95,22 +145,32 @@ def pull_mix(w, x: PyTree) -> PyTree:
     nodes is unchanged; with a row-stochastic one each node averages what it pulls.
 
     Args:
-      w: ``[n, n]`` weights ``W[receiver, sender]``.
+      w: ``[n, n]`` row-stochastic weights ``W[receiver, sender]``.
       x: pytree with leaves ``[n, ...]``.
 
     Returns:
       Pytree like ``x``.
+
+    Raises:
+      ValueError: ``w`` is not square, does not match the node axis of ``x``, or (when concrete)
+        is not row-stochastic.
 
     Example:
       >>> w = jnp.array([[0.5, 0.5], [0.5, 0.5]])
       >>> pull_mix(w, jnp.array([0.0, 2.0])).tolist()
       [1.0, 1.0]
     """
-    w = jnp.asarray(w)
-    if w.ndim != 2 or w.shape[0] != w.shape[1]:
-        raise ValueError(f"pull_mix: W must be a square [n, n] matrix, got shape {w.shape}.")
-    _check_leading(x, w.shape[1], "pull_mix")
-    return _weighted_sum(w, x)  # contracts W's sender axis with the node axis
+    return _mix(w, x, columns=False, what="pull_mix")
+
+
+def _mix(w, x: PyTree, columns: bool, what: str) -> PyTree:
+    """``X <- W X`` after checking shapes and (concrete) row- or column-stochasticity."""
+    shape = jnp.shape(w)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"{what}: W must be a square [n, n] matrix, got shape {shape}.")
+    _check_leading(x, shape[1], what)
+    _check_matrix(w, columns, what)  # before jnp.asarray, which stages a numpy W under jit
+    return _weighted_sum(jnp.asarray(w), x)  # contracts W's sender axis with the node axis
 
 
 def pull_mix_node(self_weight, neighbor_weights, own: PyTree, neighbor_values: PyTree, mask=None):
@@ -133,10 +193,15 @@ def pull_mix_node(self_weight, neighbor_weights, own: PyTree, neighbor_values: P
     Returns:
       Pytree like ``own``.
 
+    Raises:
+      ValueError: (concrete weights) ``self_weight`` and ``neighbor_weights`` are not a row of a
+        row-stochastic matrix: negative, or not summing to 1.
+
     Example:
       >>> pull_mix_node(0.5, jnp.array([0.5, 0.0]), jnp.array(0.0), jnp.array([2.0, 9.0]))
       Array(1., dtype=float32)
     """
+    _check_shares(self_weight, neighbor_weights, "pull_mix_node", "row")
     neighbor_weights = jnp.asarray(neighbor_weights)
     _check_leading(neighbor_values, neighbor_weights.shape[0], "pull_mix_node")
     used = neighbor_weights if mask is None else jnp.where(mask, neighbor_weights, 0)
@@ -203,12 +268,16 @@ def push_sum_mix(p, state: PushSumState) -> PushSumState:
     Returns:
       The mixed `PushSumState`.
 
+    Raises:
+      ValueError: ``p`` is not square, does not match the node axis, or (when concrete) is not
+        column-stochastic.
+
     References:
       Kempe, Dobra and Gehrke, "Gossip-based computation of aggregate
       information", FOCS 2003. Assran, Loizou, Ballas and Rabbat, "Stochastic
       gradient push for distributed deep learning", ICML 2019.
     """
-    return PushSumState(*pull_mix(p, tuple(state)))
+    return PushSumState(*_mix(p, tuple(state), columns=True, what="push_sum_mix"))
 
 
 def push_sum_split(state: PushSumState, self_weight, out_weights) -> tuple[PushSumState, PushSumState]:
@@ -222,8 +291,13 @@ def push_sum_split(state: PushSumState, self_weight, out_weights) -> tuple[PushS
 
     Returns:
       ``(kept, messages)``; ``messages`` has a leading ``[max_out_degree]`` axis.
-      ``kept`` plus the sum of ``messages`` equals ``state`` when the shares sum to 1.
+      ``kept`` plus the sum of ``messages`` equals ``state``.
+
+    Raises:
+      ValueError: (concrete weights) the shares are not a column of a column-stochastic matrix:
+        negative, or not summing to 1 (mass would be created or lost).
     """
+    _check_shares(self_weight, out_weights, "push_sum_split", "column")
     out_weights = jnp.asarray(out_weights)
     kept = jax.tree.map(lambda v: jnp.asarray(self_weight, v.dtype) * v, state)
     sent = jax.tree.map(lambda v: out_weights.astype(v.dtype).reshape((-1,) + (1,) * v.ndim) * v[None], state)
